@@ -1,0 +1,102 @@
+"""`lora-ops …`: the library's operations from the command line.
+
+Every command is a small function taking parsed arguments; errors from the library (`LoraOpsError`) become one
+readable line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import LoraOpsError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .files import load_lora
+    from .inspect import format_report, inspect_lora
+
+    lora = load_lora(args.file, family=args.family, allow_pickle=args.allow_pickle, strict=not args.lenient)
+    report = inspect_lora(lora, args.file)
+    _out(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 1 if report["non_finite_layers"] else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .files import load_lora, save_lora
+
+    lora = load_lora(args.input, family=args.family, allow_pickle=args.allow_pickle, strict=not args.lenient)
+    options = {"component": args.component} if args.to == "peft" and args.component else {}
+    path = save_lora(lora, args.output, args.to, overwrite=args.overwrite, **options)
+    _out(f"wrote {path} ({args.to}, {len(lora.layers)} layers, from {lora.source_format})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(out_dir=args.out, steps=args.steps, progress=not args.quiet, echo=_out)
+
+
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", choices=["sd1", "sdxl"], help="model family, when the keys do not tell")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read legacy .pt/.ckpt/.bin files (with torch weights_only=True); pickles can run code")
+    p.add_argument("--lenient", action="store_true", help="load the layers that are understood and list the rest")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .formats import WRITABLE
+
+    parser = argparse.ArgumentParser(prog="lora-ops", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="show what a LoRA file holds (format, family, ranks, metadata, NaN/Inf)")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_load_options(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="rewrite a LoRA file in another format")
+    p.add_argument("input")
+    p.add_argument("--to", required=True, choices=WRITABLE)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--component", choices=["unet", "text_encoder", "text_encoder_2"],
+                   help="with --to peft: which model to write (a PEFT file holds one)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    _add_load_options(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo", help="write a sample LoRA for the embedded tiny SD1.5-shaped model and check it")
+    p.add_argument("--out", default="lora-ops-demo", help="folder for the demo's files")
+    p.add_argument("--steps", type=int, default=0, help="training steps (0: a random LoRA)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except LoraOpsError as err:
+        sys.stderr.write(f"lora-ops {args.command}: error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"lora-ops {args.command}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
