@@ -92,8 +92,9 @@ def read_lora(
 
 
 def write_lora(lora: LoRA, fmt: str, **options: object) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The flat state dict and metadata of ``lora`` in format ``fmt``."""
+    """The flat state dict and metadata of ``lora`` in format ``fmt``, keys sorted so file bytes are deterministic."""
     spec = FORMATS.get(fmt)
     if spec is None or spec.write is None:
         raise LoraFormatError(f"cannot write format '{fmt}'", hint=f"writable formats: {', '.join(WRITABLE)}")
-    return spec.write(lora, **options)
+    tensors, metadata = spec.write(lora, **options)
+    return dict(sorted(tensors.items())), dict(sorted(metadata.items()))

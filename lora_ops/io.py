@@ -1,0 +1,675 @@
+"""Safe load and atomic save of tensor state dicts (.safetensors first, legacy pickles only on request).
+
+Why this module parses the safetensors header itself: the safetensors library reports a bad file as a Rust
+error string, torch as a traceback, ``json`` as a ValueError, and a git-LFS pointer or an HTML error page saved as
+``model.safetensors`` as "header too large". Users download LoRAs from many places, so broken files are common.
+Checking the few rules of the format here first turns every bad file into one `LoraFileError` line that names
+the file and says what is wrong and how to fix it. Only a file that passed these checks reaches the library.
+
+Why pickles are refused by default: a .pt/.ckpt/.bin file is a Python pickle and can run arbitrary code when
+loaded. With explicit permission they are loaded with ``torch.load(weights_only=True)`` only, which restricts the
+unpickler to tensors and plain containers; there is deliberately no fallback to full unpickling.
+
+Why saves are atomic: a crash, a full disk or a bad tensor halfway through a save must never leave a truncated
+file where a good LoRA used to be. Everything is validated before the first byte is written, the bytes go to a
+hidden temp file in the target's own folder (same filesystem, so the rename is atomic), are fsynced, and only then
+``os.replace`` swaps it in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import secrets
+import stat
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from .errors import LoraFileError, UnsafeFileError
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+StrPath = str | os.PathLike
+
+MAX_HEADER_BYTES = 100_000_000
+"""The safetensors library's own limit on the JSON header; a larger length means the file is not safetensors."""
+
+_SNIFF_BYTES = 256
+_LFS_MAGIC = b"version https://git-lfs.github.com/spec"
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_HINT = (
+    "pickle files can run code; convert it to .safetensors, or pass allow_pickle=True / --allow-pickle if you trust it"
+)
+_REDOWNLOAD_HINT = "re-download the file"
+
+
+def _dtype_table() -> dict[str, tuple[torch.dtype, int]]:
+    """safetensors dtype name → (torch dtype, bits per element), for what both this torch and safetensors load.
+
+    safetensors 0.8 also knows F6_E2M3/F6_E3M2, but torch has no such dtypes, so those files cannot be loaded
+    and are reported as unsupported here rather than failing inside the library.
+    """
+    table: dict[str, tuple[str, int]] = {
+        "BOOL": ("bool", 8),
+        "U8": ("uint8", 8),
+        "I8": ("int8", 8),
+        "I16": ("int16", 16),
+        "U16": ("uint16", 16),
+        "F16": ("float16", 16),
+        "BF16": ("bfloat16", 16),
+        "I32": ("int32", 32),
+        "U32": ("uint32", 32),
+        "F32": ("float32", 32),
+        "C64": ("complex64", 64),
+        "F64": ("float64", 64),
+        "I64": ("int64", 64),
+        "U64": ("uint64", 64),
+        "F8_E4M3": ("float8_e4m3fn", 8),
+        "F8_E4M3FNUZ": ("float8_e4m3fnuz", 8),
+        "F8_E5M2": ("float8_e5m2", 8),
+        "F8_E5M2FNUZ": ("float8_e5m2fnuz", 8),
+        "F8_E8M0": ("float8_e8m0fnu", 8),
+        "F4": ("float4_e2m1fn_x2", 4),  # the header counts 4-bit elements; torch packs two per byte
+    }
+    return {name: (getattr(torch, attr), bits) for name, (attr, bits) in table.items() if hasattr(torch, attr)}
+
+
+SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = _dtype_table()
+_STORABLE_DTYPES = frozenset(dt for dt, _bits in SAFETENSORS_DTYPES.values())
+
+
+# --------------------------------------------------------------------------------------------------- file kinds
+
+
+def _stat_file(path: Path) -> os.stat_result:
+    """stat() that turns "missing" / "is a folder" / "unreadable" into one readable LoraFileError."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise LoraFileError("file not found", file=path, hint="check the path and file name") from None
+    except (OSError, ValueError) as err:
+        raise LoraFileError(f"cannot access the file ({_one_line(err)})", file=path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise LoraFileError("is a folder, not a file", file=path)
+    return st
+
+
+def _read_head(path: Path, size: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(min(size, _SNIFF_BYTES))
+    except OSError as err:
+        raise LoraFileError(f"cannot read the file ({_one_line(err)})", file=path) from None
+
+
+def _kind_of(head: bytes, size: int) -> str:
+    """Classify a file by its first bytes (see `detect_file_kind`)."""
+    # safetensors first: its 8-byte length prefix can start with 0x80 (a header of 896 bytes is b"\x80\x03..."),
+    # which would otherwise look like a pickle protocol byte.
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n <= min(MAX_HEADER_BYTES, size - 8) and head[8:].lstrip(b" \t\r\n")[:1] == b"{":
+            return "safetensors"
+    if head.startswith(_ZIP_MAGIC):
+        return "torch-zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(_LFS_MAGIC):
+        return "lfs-pointer"
+    if text.startswith((b"<!doctype", b"<html", b"<head", b"<!--")):
+        return "html"
+    return "unknown"
+
+
+def detect_file_kind(path: StrPath) -> str:
+    """What a file really is, from its bytes, never its name.
+
+    Returns "safetensors", "torch-zip" (``torch.save`` zip format), "pickle" (raw pickle / legacy torch format),
+    "lfs-pointer" (a git-LFS pointer text checked out instead of the weights), "html" (an error or login page
+    saved by a browser or ``wget``) or "unknown". "safetensors" means the header looks plausible, not that it is
+    valid; `read_safetensors_header` validates it.
+    """
+    path = Path(path)
+    size = _stat_file(path).st_size
+    return _kind_of(_read_head(path, size), size)
+
+
+def _not_safetensors_error(kind: str, path: Path, *, loading: bool = False) -> LoraFileError:
+    if kind == "lfs-pointer":
+        return LoraFileError(
+            "this is a git-LFS pointer, not model weights", file=path, hint=f"{_REDOWNLOAD_HINT} (git lfs pull)"
+        )
+    if kind == "html":
+        return LoraFileError("this is an HTML page, not model weights", file=path, hint=_REDOWNLOAD_HINT)
+    what = "a pickle-based torch zip file" if kind == "torch-zip" else "a pickle file"
+    if loading:
+        reason = f"this is {what} (.pt/.ckpt/.bin); refusing to unpickle it without permission"
+    else:
+        reason = f"this is {what} (.pt/.ckpt/.bin), not safetensors"
+    return UnsafeFileError(reason, file=path, hint=_PICKLE_HINT)
+
+
+# ------------------------------------------------------------------------------------------ safetensors header
+
+
+def _text_hint(head: bytes) -> str | None:
+    """A hint for a file that starts with text (a JSON error reply, a README …) where binary was expected."""
+    sample = head[:40]
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not text or not all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        return None
+    shown = " ".join(text.split())[:32]
+    return f"the file starts with text '{shown}…', not a safetensors header; {_REDOWNLOAD_HINT}"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def read_safetensors_header(path: StrPath) -> tuple[dict, int]:
+    """Parse and validate a safetensors header without trusting the file.
+
+    Returns ``(header, data_start)``: the JSON header (tensor name → {dtype, shape, data_offsets}, plus
+    ``"__metadata__"`` when the file has it) and the byte offset where the data buffer starts (8 + header length),
+    which is where tensor ``data_offsets`` count from and where the kohya/addnet model hash starts.
+
+    Checks every rule the safetensors library enforces (and a few it leaves to chance), so any file that passes
+    loads, and any that fails raises `LoraFileError` naming the file, the key and the reason.
+    """
+    path = Path(path)
+    size = _stat_file(path).st_size
+    if size == 0:
+        raise LoraFileError("empty file (0 bytes)", file=path, hint=_REDOWNLOAD_HINT)
+    head = _read_head(path, size)
+    kind = _kind_of(head, size)
+    if kind in ("lfs-pointer", "html", "torch-zip", "pickle"):
+        raise _not_safetensors_error(kind, path)
+    if size < 8:
+        raise LoraFileError(
+            f"truncated: the file is {size} bytes, shorter than the 8-byte safetensors header length",
+            file=path,
+            hint=_REDOWNLOAD_HINT,
+        )
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER_BYTES:
+        raise LoraFileError(
+            f"not a safetensors file: header length {n} is absurd (limit {MAX_HEADER_BYTES})",
+            file=path,
+            hint=_text_hint(head) or _REDOWNLOAD_HINT,
+        )
+    if n > size - 8:
+        raise LoraFileError(
+            f"truncated: header length {n} is larger than the {size - 8} bytes after it",
+            file=path,
+            hint=_text_hint(head) or _REDOWNLOAD_HINT,
+        )
+    try:
+        with open(path, "rb") as f:
+            f.seek(8)
+            raw = f.read(n)
+    except OSError as err:
+        raise LoraFileError(f"cannot read the file ({_one_line(err)})", file=path) from None
+    if len(raw) != n:  # the file shrank under us
+        raise LoraFileError("truncated while reading the header", file=path, hint=_REDOWNLOAD_HINT)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LoraFileError(f"corrupt header: not UTF-8 text ({err.reason} at byte {err.start})", file=path) from None
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as err:
+        raise LoraFileError("corrupt header: key appears twice", file=path, key=str(err)) from None
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise LoraFileError(f"corrupt header: not valid JSON ({_one_line(err)})", file=path) from None
+    except RecursionError:
+        raise LoraFileError("corrupt header: JSON nested too deeply", file=path) from None
+    if not isinstance(header, dict):
+        raise LoraFileError(
+            f"corrupt header: JSON {type(header).__name__} instead of an object",
+            file=path,
+            hint="a safetensors header maps tensor names to their dtype, shape and offsets",
+        )
+    _check_metadata_entry(header, path)
+    _check_tensor_entries(header, path, data_len=size - 8 - n)
+    if header.get("__metadata__", False) is None:
+        del header["__metadata__"]  # the library accepts null; hand callers a consistent shape
+    return header, 8 + n
+
+
+def _check_metadata_entry(header: dict, path: Path) -> None:
+    meta = header.get("__metadata__")
+    if meta is None:
+        return
+    if not isinstance(meta, dict):
+        raise LoraFileError(
+            f"non-string metadata: __metadata__ is a JSON {type(meta).__name__}, not an object of strings", file=path
+        )
+    for k, v in meta.items():
+        if not isinstance(v, str):
+            raise LoraFileError(
+                f"non-string metadata: value of '{k}' is a JSON {_json_type(v)}, safetensors metadata maps str to str",
+                file=path,
+                key="__metadata__",
+            )
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
+
+
+def _check_tensor_entries(header: dict, path: Path, *, data_len: int) -> None:
+    spans: list[tuple[int, int, str]] = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise LoraFileError(
+                f"corrupt header: entry is a JSON {_json_type(info)}, not an object", file=path, key=key
+            )
+        for field in ("dtype", "shape", "data_offsets"):
+            if field not in info:
+                raise LoraFileError(f"corrupt header: entry has no '{field}'", file=path, key=key)
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise LoraFileError(
+                f"unknown dtype {dtype!r}",
+                file=path,
+                key=key,
+                hint=f"supported: {', '.join(SAFETENSORS_DTYPES)}",
+            )
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
+            raise LoraFileError(
+                f"corrupt header: shape {shape!r} is not a list of non-negative ints", file=path, key=key
+            )
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) and 0 <= o < 2**63 for o in offsets)
+        ):
+            raise LoraFileError(
+                f"corrupt header: data_offsets {offsets!r} is not a pair [begin, end] of non-negative ints",
+                file=path,
+                key=key,
+            )
+        begin, end = offsets
+        if begin > end:
+            raise LoraFileError(
+                f"corrupt header: data_offsets [{begin}, {end}] end before they begin", file=path, key=key
+            )
+        numel = 1
+        for d in shape:
+            numel *= d
+        bits = SAFETENSORS_DTYPES[dtype][1]
+        if numel * bits % 8:
+            raise LoraFileError(
+                f"corrupt header: {numel} elements of {dtype} do not fill whole bytes", file=path, key=key
+            )
+        need = numel * bits // 8
+        if end - begin != need:
+            raise LoraFileError(
+                f"size/shape mismatch: shape {shape} of {dtype} needs {need} bytes, data_offsets [{begin}, {end}] "
+                f"hold {end - begin}",
+                file=path,
+                key=key,
+            )
+        if end > data_len:
+            raise LoraFileError(
+                f"data_offsets [{begin}, {end}] out of range: the data buffer has only {data_len} bytes",
+                file=path,
+                key=key,
+                hint=f"the file is truncated or corrupt; {_REDOWNLOAD_HINT}",
+            )
+        spans.append((begin, end, key))
+    # The library demands that tensors tile the buffer exactly: no overlap, no gap, nothing after the last one.
+    cursor, previous = 0, None
+    for begin, end, key in sorted(spans):
+        if begin < cursor:
+            raise LoraFileError(
+                f"corrupt header: data_offsets [{begin}, {end}] overlap tensor '{previous}' (which ends at {cursor})",
+                file=path,
+                key=key,
+            )
+        if begin > cursor:
+            raise LoraFileError(
+                f"corrupt header: {begin - cursor} unaccounted bytes before data_offsets [{begin}, {end}]",
+                file=path,
+                key=key,
+            )
+        cursor, previous = end, key
+    if cursor != data_len:
+        raise LoraFileError(
+            f"corrupt file: {data_len - cursor} bytes after the last tensor that no header entry describes",
+            file=path,
+            hint=_REDOWNLOAD_HINT,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def load_state_dict(
+    path: StrPath, *, allow_pickle: bool = False, device: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Load ``(tensors, metadata)`` from a .safetensors file, or from a legacy pickle only when allowed.
+
+    The kind of file is decided from its bytes, not its extension, so a pickle renamed to .safetensors is still
+    treated as a pickle. Tensors come back in the dtype stored (bf16/fp16/fp8 stay as they are; callers do their
+    math in fp32). CPU tensors own their memory instead of mapping the file, so the same file can be overwritten
+    right after loading (Windows refuses to replace a mapped file) and a later in-place rewrite of the file by
+    another program cannot change tensors already loaded.
+
+    Pickles (.pt/.ckpt/.bin) are loaded only with ``allow_pickle=True`` and then only through
+    ``torch.load(weights_only=True)``; a checkpoint dict nesting the tensors under "state_dict" is unwrapped.
+    """
+    path = Path(path)
+    kind = detect_file_kind(path)
+    if kind in ("torch-zip", "pickle"):
+        if not allow_pickle:
+            raise _not_safetensors_error(kind, path, loading=True)
+        return _load_pickle(path, device), {}
+    header, _data_start = read_safetensors_header(path)
+    metadata = dict(header.get("__metadata__") or {})
+    names = [k for k in header if k != "__metadata__"]
+    tensors: dict[str, Tensor] = {}
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in names:
+                t = f.get_tensor(name)
+                tensors[name] = t.clone() if t.device.type == "cpu" else t
+    except Exception as err:  # the header was valid, so this is I/O, a device problem or a library bug
+        raise LoraFileError(f"cannot load the tensors ({_one_line(err)})", file=path) from err
+    log.debug("loaded %d tensors from %s", len(tensors), path)
+    return tensors, metadata
+
+
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.*?)(?:\s+was not an allowed global.*)?$", re.MULTILINE)
+
+
+def _load_pickle(path: Path, device: str | torch.device) -> dict[str, Tensor]:
+    log.info("loading pickle file %s with torch.load(weights_only=True)", path)
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        match = _UNPICKLER_REASON.search(str(err))
+        detail = match.group(1).strip() if match else _one_line(err)
+        raise UnsafeFileError(
+            f"holds Python objects that safe loading (weights_only) refuses: {detail}",
+            file=path,
+            hint="only tensors and plain containers are loaded from pickles; convert the file to .safetensors",
+        ) from None
+    except Exception as err:
+        raise LoraFileError(f"cannot read the torch file ({_one_line(err)})", file=path) from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise LoraFileError(f"holds a {type(obj).__name__}, not a dict of tensors", file=path)
+    tensors: dict[str, Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise LoraFileError(f"tensor name is a {type(key).__name__}, not a string", file=path, key=repr(key))
+        if not isinstance(value, Tensor):
+            raise LoraFileError(
+                f"value is a {type(value).__name__}, not a tensor",
+                file=path,
+                key=key,
+                hint="only flat dicts of tensors (optionally under 'state_dict') are supported",
+            )
+        tensors[key] = value
+    return tensors
+
+
+# ------------------------------------------------------------------------------------------------ value checks
+
+
+def find_non_finite(tensors: Mapping[str, Tensor], *, chunk: int = 1 << 22) -> list[str]:
+    """Keys whose tensor holds NaN or ±Inf, in input order.
+
+    Only floating and complex tensors are checked (integers cannot hold them; fp4 e2m1 has no NaN/Inf encoding).
+    Works a chunk at a time, upcasting fp8 (which ``torch.isfinite`` does not support) per chunk, so checking a
+    large model never needs a second full-size copy.
+    """
+    bad = []
+    for key, t in tensors.items():
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        if t.dtype == getattr(torch, "float4_e2m1fn_x2", None):
+            continue
+        flat = t.detach().reshape(-1)
+        upcast = t.element_size() == 1
+        for start in range(0, flat.numel(), chunk):
+            part = flat[start : start + chunk]
+            if upcast:
+                part = part.float()
+            if not bool(torch.isfinite(part).all()):
+                bad.append(key)
+                break
+    return bad
+
+
+# ----------------------------------------------------------------------------------------------------- saving
+
+
+def safe_join(root: StrPath, relative: StrPath) -> Path:
+    """``root / relative``, resolved, refusing anything that ends up outside ``root``.
+
+    ``..`` parts, absolute paths and symlinks leading out of root are all refused: node inputs such as a filename
+    prefix come from a workflow file someone else may have written.
+    """
+    base = _resolve(Path(root), Path(root))
+    target = _resolve(base / Path(relative), Path(relative))
+    if target != base and not target.is_relative_to(base):
+        raise LoraFileError(
+            f"path is outside the allowed folder {base} (resolves to {target})",
+            file=relative,
+            hint="use a path inside that folder, without '..' or links leading out of it",
+        )
+    return target
+
+
+def _resolve(path: Path, shown: Path) -> Path:
+    try:
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as err:  # symlink loops, NUL bytes
+        raise LoraFileError(f"cannot resolve the path ({_one_line(err)})", file=shown) from None
+
+
+def _prepare_tensors(tensors: Mapping[str, Tensor], target: Path) -> dict[str, Tensor]:
+    """Validated, CPU, contiguous, non-aliased copies of what will be written (checked before any write)."""
+    if not isinstance(tensors, Mapping):
+        raise LoraFileError(f"expected a dict of tensors, got a {type(tensors).__name__}", file=target)
+    out: dict[str, Tensor] = {}
+    seen_storage: set[int] = set()
+    for key, t in tensors.items():
+        if not isinstance(key, str):
+            raise LoraFileError(f"tensor name is a {type(key).__name__}, not a string", file=target, key=repr(key))
+        if key == "__metadata__":
+            raise LoraFileError("'__metadata__' is reserved by safetensors for metadata", file=target, key=key)
+        if not isinstance(t, Tensor):
+            raise LoraFileError(f"value is a {type(t).__name__}, not a tensor", file=target, key=key)
+        if t.layout != torch.strided:
+            raise LoraFileError(f"{t.layout} tensors cannot be saved; make it dense first", file=target, key=key)
+        if t.dtype not in _STORABLE_DTYPES:
+            raise LoraFileError(f"dtype {t.dtype} cannot be stored in safetensors", file=target, key=key)
+        if t.device.type == "meta":
+            raise LoraFileError("meta tensor has no data to save", file=target, key=key)
+        t = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+        # safetensors refuses tensors sharing memory (views, tied weights); give each its own copy.
+        ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+        if ptr and ptr in seen_storage:
+            t = t.clone()
+        elif ptr:
+            seen_storage.add(ptr)
+        out[key] = t
+    return out
+
+
+def _check_metadata(metadata: Mapping[str, str] | None, target: Path) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        raise LoraFileError(f"metadata must be a dict of str to str, got a {type(metadata).__name__}", file=target)
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise LoraFileError(
+                f"non-string metadata: {k!r} is a {type(v).__name__}; safetensors metadata maps str to str",
+                file=target,
+                hint="convert numbers and lists to strings (e.g. json.dumps) before saving",
+            )
+    return dict(metadata) or None
+
+
+def _write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str] | None, tmp: Path) -> None:
+    """Serialize to ``tmp`` (a separate function so tests can make the write fail)."""
+    safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _create_temp(folder: Path, name: str) -> Path:
+    """A new hidden temp file beside the target, created with mode 0o666 so the umask applies as for any file."""
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temp file name in {folder}")
+
+
+def _fsync_path(path: Path, *, directory: bool = False) -> None:
+    if directory:
+        if os.name == "nt":  # Windows cannot open a folder for fsync; NTFS journals the rename itself
+            return
+        fd = os.open(path, os.O_RDONLY)
+    else:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_state_dict(
+    path: StrPath,
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+    root: StrPath | None = None,
+) -> Path:
+    """Write ``tensors`` (+ str→str ``metadata``) as .safetensors, atomically; return the resolved path written.
+
+    Everything is validated before anything is written. An existing file is replaced only with
+    ``overwrite=True``. With ``root``, the path must resolve (symlinks and ``..`` included) inside root; a relative
+    ``path`` is then taken relative to root. If ``path`` is a symlink, the file it points to is replaced.
+    Parent folders are created. The bytes go to a hidden ``.<name>.<random>.tmp`` in the same folder, are
+    fsynced, then ``os.replace``-d onto the target; on any failure the temp file is removed and a previous file
+    at the target is left byte-identical.
+    """
+    target = safe_join(root, path) if root is not None else _resolve(Path(path), Path(path))
+    prepared = _prepare_tensors(tensors, target)
+    meta = _check_metadata(metadata, target)
+    if target.is_dir():
+        raise LoraFileError("is a folder; give a file name ending in .safetensors", file=target)
+    if target.exists() and not overwrite:
+        raise LoraFileError("file already exists", file=target, hint="pass overwrite=True / --overwrite to replace it")
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = _create_temp(folder, target.name)
+    except OSError as err:
+        raise LoraFileError(f"cannot create the output folder or file ({_one_line(err)})", file=target) from None
+    try:
+        # The mode a new file gets here (0o666 minus the umask), or the old file's when replacing it.
+        # safetensors >= 0.8 writes through its own private (0o600) temp file, so the mode is re-applied after.
+        mode = stat.S_IMODE((target if target.exists() else tmp).stat().st_mode)
+        _write_safetensors(prepared, meta, tmp)
+        os.chmod(tmp, mode)
+        _fsync_path(tmp)
+        os.replace(tmp, target)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if not isinstance(err, Exception):
+            raise  # KeyboardInterrupt / SystemExit: cleaned up, now let it through
+        reason = "cannot write" if isinstance(err, OSError) else "cannot serialize"
+        raise LoraFileError(f"{reason} the file ({_one_line(err)}); nothing was changed", file=target) from err
+    with contextlib.suppress(OSError):  # make the rename itself durable; best effort
+        _fsync_path(folder, directory=True)
+    log.debug("saved %d tensors to %s", len(prepared), target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------- hashing
+
+
+def _sha256_from(path: Path, offset: int, chunk: int) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while block := f.read(chunk):
+                digest.update(block)
+    except OSError as err:
+        raise LoraFileError(f"cannot read the file ({_one_line(err)})", file=path) from None
+    return digest.hexdigest()
+
+
+def file_sha256(path: StrPath, chunk: int = 1 << 20) -> str:
+    """SHA-256 of the whole file, hex (what Civitai and Hugging Face show as the file's hash)."""
+    path = Path(path)
+    _stat_file(path)
+    return _sha256_from(path, 0, chunk)
+
+
+def safetensors_model_hash(path: StrPath, chunk: int = 1 << 20) -> str:
+    """The kohya / AddNet "model hash": SHA-256 (hex) of the bytes after the header (from 8 + header length).
+
+    It ignores the header, so it stays the same when only metadata changes; kohya stores it as
+    ``sshs_model_hash``. The header is validated first, so a bad file raises `LoraFileError`.
+    """
+    path = Path(path)
+    _header, data_start = read_safetensors_header(path)
+    return _sha256_from(path, data_start, chunk)
+
+
+def _one_line(err: BaseException) -> str:
+    """The first non-empty line of an exception message (library errors can span a page)."""
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
