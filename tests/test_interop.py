@@ -60,7 +60,8 @@ def _fused_deltas(pipe, family, path, lora):
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_diffusers_file_loads_in_diffusers_exactly(tmp_path, warnings_log, family):
     lora = sample_lora(family, rank=4, alpha=3.0, attention_only=True)
-    # different ranks and alphas per layer must survive too
+    # different ranks and alphas per layer must survive too (diffusers' kohya path gets per-layer alphas wrong)
+    lora = lora.map_layers(lambda k, layer: L.LoRALayer(down=layer.down, up=layer.up, alpha=1.0 + len(k) % 5))
     keys = sorted(lora.layers)
     layers = dict(lora.layers)
     layers[keys[1]] = L.LoRALayer(down=layers[keys[1]].down[:2], up=layers[keys[1]].up[:, :2], alpha=7.0)

@@ -1,0 +1,55 @@
+"""The repo as ComfyUI sees it, and the project's promises about imports and packaging."""
+
+import importlib.util
+import pathlib
+import re
+import sys
+import tomllib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _import_as_comfyui(name="lora_ops_pack"):
+    """What ComfyUI's load_custom_node does: import custom_nodes/<repo>/__init__.py as a package."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_root_package_exports_what_comfyui_reads():
+    pack = _import_as_comfyui()
+    assert isinstance(pack.NODE_CLASS_MAPPINGS, dict)
+    assert isinstance(pack.NODE_DISPLAY_NAME_MAPPINGS, dict)
+    assert pack.WEB_DIRECTORY == "./web"
+    assert (ROOT / "web").is_dir() and any((ROOT / "web").glob("*.js"))
+    assert not hasattr(pack, "comfy_entrypoint")  # ComfyUI takes one API or the other
+    assert "comfy" not in sys.modules or not hasattr(sys.modules["comfy"], "__file__")
+
+
+def test_library_never_imports_comfy():
+    pattern = re.compile(r"^\s*(import comfy|from comfy)", re.M)
+    offenders = [p for p in (ROOT / "lora_ops").rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
+
+
+def test_packaging_installs_lora_ops_only_and_pins_torch():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["lora_ops*"]  # never a top-level `nodes`
+    deps = project["project"]["dependencies"]
+    assert "torch==2.13.0" in deps
+    assert all("==" in d for d in deps + project["project"]["optional-dependencies"]["hf"] if not d.startswith("numpy"))
+    assert project["project"]["scripts"]["lora-ops"] == "lora_ops.cli:main"
+    assert {"PublisherId", "DisplayName"} <= set(project["tool"]["comfy"])
+    assert "torch" not in (ROOT / "requirements.txt").read_text().split("#")[0]
+
+
+def test_readme_commands_are_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    assert blocks[0].strip().startswith("pip install -e \".[test]\" && lora-ops demo")
+    test_command = blocks[1].strip()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci
