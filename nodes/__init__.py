@@ -1,4 +1,22 @@
-"""ComfyUI node classes: thin wrappers over `lora_ops` (the only code that may import comfy, lazily)."""
+"""ComfyUI node classes: thin wrappers over `lora_ops` (the only code that may import comfy, lazily).
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+Node ids go into users' saved workflows: they never change once shipped.
+"""
+
+from .inspect_node import LoraOpsInspect
+from .load import LoraOpsLoad
+from .save import LoraOpsSave
+from .stack import LoraOpsStack
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {
+    "LoraOpsLoad": LoraOpsLoad,
+    "LoraOpsStack": LoraOpsStack,
+    "LoraOpsInspect": LoraOpsInspect,
+    "LoraOpsSave": LoraOpsSave,
+}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
+    "LoraOpsLoad": "Load LoRA (LoRA Ops)",
+    "LoraOpsStack": "LoRA Stack (LoRA Ops)",
+    "LoraOpsInspect": "Inspect LoRA (LoRA Ops)",
+    "LoraOpsSave": "Save LoRA (LoRA Ops)",
+}

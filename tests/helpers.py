@@ -29,3 +29,19 @@ def sample_lora(family: str = "sd1", *, rank: int = 4, alpha: float | None = 2.0
                 dtype: torch.dtype = torch.float32, attention_only: bool = False, **kw):
     return random_lora(canonical_shapes(family, attention_only=attention_only), rank=rank, alpha=alpha,
                        family=family, seed=seed, dtype=dtype, **kw)
+
+
+def import_pack(name: str = "lora_ops_pack"):
+    """Import the repo root the way ComfyUI's load_custom_node does (custom_nodes/<repo>/__init__.py)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    root = pathlib.Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

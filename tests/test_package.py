@@ -1,26 +1,17 @@
 """The repo as ComfyUI sees it, and the project's promises about imports and packaging."""
 
-import importlib.util
 import pathlib
 import re
 import sys
 import tomllib
 
+from helpers import import_pack
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _import_as_comfyui(name="lora_ops_pack"):
-    """What ComfyUI's load_custom_node does: import custom_nodes/<repo>/__init__.py as a package."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_root_package_exports_what_comfyui_reads():
-    pack = _import_as_comfyui()
+    pack = import_pack()
     assert isinstance(pack.NODE_CLASS_MAPPINGS, dict)
     assert isinstance(pack.NODE_DISPLAY_NAME_MAPPINGS, dict)
     assert pack.WEB_DIRECTORY == "./web"

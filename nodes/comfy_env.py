@@ -1,0 +1,93 @@
+"""The few ComfyUI services the nodes use, imported lazily so the pack imports (and tests run) without ComfyUI.
+
+Outside ComfyUI (tests, scripts) the model folders come from `configure()`; inside it, from `folder_paths`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+_standalone: dict[str, list[Path]] = {"loras": [], "output": []}
+
+
+def configure(*, loras: list[str | Path] | None = None, output: str | Path | None = None) -> None:
+    """Set the folders used when ComfyUI is not present (tests, standalone use)."""
+    if loras is not None:
+        _standalone["loras"] = [Path(p) for p in loras]
+    if output is not None:
+        _standalone["output"] = [Path(output)]
+
+
+def _comfy(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def lora_filenames() -> list[str]:
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        return list(fp.get_filename_list("loras"))
+    names = set()
+    for root in _standalone["loras"]:
+        names.update(str(p.relative_to(root)) for p in root.rglob("*.safetensors"))
+    return sorted(names)
+
+
+def lora_folders() -> list[Path]:
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        return [Path(p) for p in fp.get_folder_paths("loras")]
+    return list(_standalone["loras"])
+
+
+def lora_path(name: str) -> Path | None:
+    """Full path of a file from the `loras` dropdown, or None when it is not there."""
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        found = fp.get_full_path("loras", name)
+        return Path(found) if found else None
+    for root in _standalone["loras"]:
+        candidate = (root / name).resolve()
+        if candidate.is_file() and candidate.is_relative_to(root.resolve()):
+            return candidate
+    return None
+
+
+def output_dir() -> Path:
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        return Path(fp.get_output_directory())
+    if not _standalone["output"]:
+        raise RuntimeError("no output folder configured (call nodes.comfy_env.configure(output=...))")
+    return _standalone["output"][0]
+
+
+class Progress:
+    """ComfyUI's progress bar (which also raises on interrupt) or a no-op outside ComfyUI."""
+
+    def __init__(self, total: int) -> None:
+        utils = _comfy("comfy.utils")
+        self._bar = utils.ProgressBar(total) if utils is not None else None
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+
+def interrupted() -> bool:
+    """True when the user pressed Cancel in ComfyUI (checked between steps of long work)."""
+    mm = _comfy("comfy.model_management")
+    return bool(mm is not None and getattr(mm, "processing_interrupted", lambda: False)())
+
+
+def throw_if_interrupted() -> None:
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
