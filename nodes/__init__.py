@@ -3,10 +3,13 @@
 Node ids go into users' saved workflows: they never change once shipped.
 """
 
+from . import routes
 from .inspect_node import LoraOpsInspect
 from .load import LoraOpsLoad
 from .save import LoraOpsSave
 from .stack import LoraOpsStack
+
+routes.register()
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LoraOpsLoad": LoraOpsLoad,
