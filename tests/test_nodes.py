@@ -94,3 +94,12 @@ def test_inspect_node_shows_text(folders):
     lora, _ = nodes.LoraOpsLoad().load("b.safetensors")
     out = nodes.LoraOpsInspect().inspect(lora)
     assert "format: diffusers" in out["result"][0] and out["ui"]["text"] == list(out["result"])
+
+
+def test_info_route_reads_only_listed_files(folders):
+    status, body = nodes.routes.lora_info("a.safetensors")
+    assert status == 200 and body["format"] == "kohya" and "sks" in body["trigger_words"]
+    for name in ("../a.safetensors", "/etc/passwd", "missing.safetensors"):
+        status, body = nodes.routes.lora_info(name)
+        assert status == 404 and "not in the loras folders" in body["error"]
+    assert nodes.routes.register() is False  # no ComfyUI server here
