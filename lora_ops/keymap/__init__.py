@@ -9,8 +9,10 @@ plus the transformers path with ``text_model.`` for CLIP text encoders. One modu
 - `text_encoders`: canonical ↔ in-model CLIP text-encoder paths (transformers 4 and 5 layouts).
 - `detect`: the UNet family from module paths.
 - `model_keys`: canonical keys of a live diffusers UNet / CLIP text encoder.
+- `checkpoints`: canonical keys ↔ tensors of single-file checkpoints and diffusers folders (fused OpenCLIP q/k/v).
 """
 
+from .checkpoints import COMPONENTS, WeightSlot, checkpoint_family, checkpoint_targets
 from .detect import detect_unet_family
 from .families import UNET_LAYOUTS, UnetLayout, unet_layout
 from .kohya_names import compound_tokens, dotted_to_kohya, kohya_to_dotted, register_compound_tokens
@@ -21,9 +23,13 @@ from .text_encoders import has_text_model, te_module_path, te_to_canonical_path
 FAMILIES = tuple(UNET_LAYOUTS)
 
 __all__ = [
+    "COMPONENTS",
     "FAMILIES",
     "UNET_LAYOUTS",
     "UnetLayout",
+    "WeightSlot",
+    "checkpoint_family",
+    "checkpoint_targets",
     "compound_tokens",
     "detect_unet_family",
     "dotted_to_kohya",
