@@ -41,6 +41,35 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_weighted(spec: str, *, texts: bool = True) -> tuple[str, float, float]:
+    """``FILE[:w[:w_text]]`` → (file, w, w_text); a colon not followed by a number stays part of the path."""
+    parts = spec.split(":")
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < (2 if texts else 1):
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    weight = numbers[0] if numbers else 1.0
+    return ":".join(parts), weight, numbers[1] if len(numbers) > 1 else weight
+
+
+def cmd_bake(args: argparse.Namespace) -> int:
+    from .bake import bake
+    from .files import load_lora
+
+    items = []
+    for spec in args.loras:
+        path, w, wt = parse_weighted(spec)
+        items.append((load_lora(path, family=args.family, allow_pickle=args.allow_pickle, strict=not args.lenient),
+                      w, wt))
+    report = bake(args.checkpoint, items, args.output, dtype=args.dtype, overwrite=args.overwrite,
+                  progress=not args.quiet, strict=not args.partial, family=args.family)
+    _out(report.summary())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -76,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     _add_load_options(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bake", help="bake LoRAs into a checkpoint file or diffusers folder (streamed, atomic)")
+    p.add_argument("checkpoint", help="single-file .safetensors checkpoint (LDM names) or a diffusers folder")
+    p.add_argument("loras", nargs="+", metavar="LORA[:w[:w_text]]",
+                   help="LoRA files with model strength and text-encoder strength (default 1)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--dtype", choices=["keep", "fp16", "bf16", "fp32"], default="keep",
+                   help="output dtype of floating tensors (default: as stored)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
+    p.add_argument("--partial", action="store_true", help="bake the layers that match and report the rest")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_load_options(p)
+    p.set_defaults(func=cmd_bake)
 
     p = sub.add_parser("demo", help="write a sample LoRA for the embedded tiny SD1.5-shaped model and check it")
     p.add_argument("--out", default="lora-ops-demo", help="folder for the demo's files")

@@ -422,3 +422,21 @@ def test_peak_memory_is_one_tensor_not_the_model(tmp_path):
             assert not torch.equal(f.get_slice(name)[:64], rows)  # patched
     src.unlink()
     out.unlink()
+
+
+def test_cli_bake_with_strengths(tmp_path, capsys):
+    from lora_ops.cli import main, parse_weighted
+    from lora_ops.files import save_lora
+
+    assert parse_weighted("a.safetensors:0.5:0.25") == ("a.safetensors", 0.5, 0.25)
+    assert parse_weighted("C:dir/a.safetensors:0.7") == ("C:dir/a.safetensors", 0.7, 0.7)
+    assert parse_weighted("a.safetensors") == ("a.safetensors", 1.0, 1.0)
+    base = write_checkpoint(tmp_path / "base.safetensors", "sd1")
+    lora = sample_lora("sd1", attention_only=True)
+    lora_path = save_lora(lora, tmp_path / "l.safetensors", "kohya")
+    out = tmp_path / "baked.safetensors"
+    assert main(["bake", str(base), f"{lora_path}:0.5:0.0", "-o", str(out), "-q"]) == 0
+    assert "baked" in capsys.readouterr().out
+    check_baked(out, base, "sd1", [(lora, 0.5, 0.0)])
+    assert main(["bake", str(base), str(lora_path), "-o", str(base), "--overwrite", "-q"]) == 2
+    assert "input" in capsys.readouterr().err
