@@ -70,6 +70,81 @@ def cmd_bake(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rule_from_args(args: argparse.Namespace):
+    from .rank_rules import make_rule
+
+    chosen = [(name, getattr(args, name)) for name in ("rank", "sv_ratio", "sv_fro", "sv_cumulative", "size_mb")
+              if getattr(args, name) is not None]
+    if not chosen:
+        return None
+    name, value = chosen[0]
+    return make_rule("fixed" if name == "rank" else name, value, max_rank=args.max_rank)
+
+
+def _output_format(args: argparse.Namespace, lora) -> str:
+    from .formats import WRITABLE
+
+    if args.to:
+        return args.to
+    return lora.source_format if lora.source_format in WRITABLE and lora.source_format != "peft" else "kohya"
+
+
+def _write_report(args: argparse.Namespace, report) -> None:
+    if args.report:
+        from pathlib import Path
+
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2))
+    if args.plot:
+        from .plots import spectrum_plot
+
+        spectrum_plot(report, args.plot)
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    from .files import load_lora, save_lora
+    from .rank_rules import make_rule
+    from .resize import resize
+
+    lora = load_lora(args.input, family=args.family, allow_pickle=args.allow_pickle, strict=not args.lenient)
+    conv_rule = make_rule("fixed", args.conv_rank) if args.conv_rank else None
+    out, report = resize(lora, _rule_from_args(args), conv_rule=conv_rule, progress=not args.quiet)
+    path = save_lora(out, args.output, _output_format(args, lora), overwrite=args.overwrite)
+    _write_report(args, report)
+    _out(f"{report.summary()}\nwrote {path}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .combine import combine
+    from .files import load_lora, save_lora
+
+    items = []
+    for spec in args.loras:
+        path, w, wt = parse_weighted(spec)
+        items.append((load_lora(path, family=args.family, allow_pickle=args.allow_pickle, strict=not args.lenient),
+                      w, wt))
+    out, report = combine(items, args.method, _rule_from_args(args), seed=args.seed, density=args.density,
+                          progress=not args.quiet)
+    path = save_lora(out, args.output, _output_format(args, items[0][0]), overwrite=args.overwrite)
+    _write_report(args, report)
+    _out(f"{report.summary()}\nwrote {path}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import extract
+    from .files import save_lora
+    from .rank_rules import make_rule
+
+    conv_rule = make_rule("fixed", args.conv_rank) if args.conv_rank else None
+    lora, report = extract(args.base, args.tuned, _rule_from_args(args), conv_rule=conv_rule, family=args.family,
+                           progress=not args.quiet)
+    path = save_lora(lora, args.output, args.to or "kohya", overwrite=args.overwrite)
+    _write_report(args, report)
+    _out(f"{report.summary()}\nwrote {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -105,6 +180,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     _add_load_options(p)
     p.set_defaults(func=cmd_convert)
+
+    def rank_options(p: argparse.ArgumentParser, required: bool) -> None:
+        group = p.add_mutually_exclusive_group(required=required)
+        group.add_argument("--rank", type=int, help="fixed rank (clamped to what a layer has)")
+        group.add_argument("--sv-ratio", type=float, help="keep singular values above σ₀ / X")
+        group.add_argument("--sv-fro", type=float, help="keep the fraction X of the Frobenius energy (Σσ²)")
+        group.add_argument("--sv-cumulative", type=float, help="keep the fraction X of Σσ")
+        group.add_argument("--size-mb", type=float, help="fit the whole file into X MB")
+        p.add_argument("--max-rank", type=int, help="cap for the dynamic rules")
+        p.add_argument("--report", help="write the per-layer report as JSON")
+        p.add_argument("--plot", help="write the singular-value spectrum as PNG")
+        p.add_argument("--to", choices=WRITABLE, help="output format (default: the input's, or kohya)")
+        p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        _add_load_options(p)
+
+    p = sub.add_parser("resize", help="shrink a LoRA to a fixed or dynamic rank by exact low-rank SVD")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--conv-rank", type=int, help="fixed rank for conv layers with kernels larger than 1×1")
+    rank_options(p, required=True)
+    p.set_defaults(func=cmd_resize)
+
+    p = sub.add_parser("merge", help="combine several LoRAs into one (concat, svd, linear, ties, dare)")
+    p.add_argument("loras", nargs="+", metavar="LORA[:w[:w_text]]")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--method", default="concat",
+                   choices=["concat", "svd", "linear", "ties", "dare_linear", "dare_ties"],
+                   help="concat is exact (rank = sum of ranks); svd is exact then truncated by the rank rule")
+    p.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction of entries kept")
+    p.add_argument("--seed", type=int, default=0, help="dare: random seed (deterministic)")
+    rank_options(p, required=False)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("extract", help="extract a LoRA from a base and a tuned checkpoint (file or diffusers folder)")
+    p.add_argument("base")
+    p.add_argument("tuned")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--conv-rank", type=int, help="fixed rank for conv layers with kernels larger than 1×1")
+    rank_options(p, required=True)
+    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("bake", help="bake LoRAs into a checkpoint file or diffusers folder (streamed, atomic)")
     p.add_argument("checkpoint", help="single-file .safetensors checkpoint (LDM names) or a diffusers folder")

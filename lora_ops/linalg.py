@@ -1,0 +1,181 @@
+"""The SVD of ΔW = s·B·A from the factors alone, and of a weighted sum of several layers' ΔW.
+
+For B (d×r) and A (r×k): B = Q_b R_b, Aᵀ = Q_a R_a (reduced QR), so ΔW = s · Q_b (R_b R_aᵀ) Q_aᵀ. The SVD of the
+small core R_b R_aᵀ = U_c Σ V_cᵀ gives ΔW = (Q_b U_c) · sΣ · (Q_a V_c)ᵀ: O((d+k)r²) work, exact (QR and SVD are
+backward stable), and every singular value comes out — min(d, k, r) of them; the rest of ΔW's spectrum is exactly
+zero. A weighted sum Σ wᵢ sᵢ Bᵢ Aᵢ is the same product with B_cat = [w₁s₁B₁ | w₂s₂B₂ …] and A_cat = [A₁; A₂ …].
+
+Conv layers flatten to (out, r) and (r, in·kh·kw) and reshape back; a Tucker ``mid`` is folded into ``down`` first.
+LoHa/LoKr layers have no cheap factorisation: their ΔW is formed (per layer) and factorised by a dense SVD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LoraValueError
+from .lora import Layer, LoRALayer
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class FactoredSVD:
+    """ΔW = U · diag(S) · Vh with ΔW flattened to (out, in·kh·kw); ``shape`` is ΔW's own shape."""
+
+    U: Tensor  # (d, m), orthonormal columns
+    S: Tensor  # (m,), descending, ≥ 0
+    Vh: Tensor  # (m, k), orthonormal rows
+    shape: tuple[int, ...]  # (out, in) or (out, in, kh, kw)
+
+    @property
+    def rank(self) -> int:
+        """How many singular values there are (min(d, k, r)); trailing ones may be zero."""
+        return int(self.S.shape[0])
+
+    @property
+    def is_conv(self) -> bool:
+        return len(self.shape) == 4
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.shape[2:])
+
+    def factors(self, k: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+        """(up, down) of rank k with scale·up·down = the best rank-k approximation of ΔW (Eckart–Young).
+
+        The singular values are split evenly, up = U_k·√(σ/scale), down = √(σ/scale)·V_kᵀ, so both factors have
+        the same magnitude (kohya puts all of σ into up). A negative scale flips the sign of up.
+        """
+        if not 1 <= k <= self.rank:
+            raise LoraValueError(f"rank {k} outside 1..{self.rank}")
+        if scale == 0:
+            raise LoraValueError("cannot factor with scale 0 (alpha 0)")
+        root = (self.S[:k] / abs(scale)).sqrt()  # (k,)
+        up = self.U[:, :k] * root  # (out, k)
+        if scale < 0:
+            up = -up
+        down = root[:, None] * self.Vh[:k]  # (k, in·kh·kw)
+        if self.is_conv:
+            return up.reshape(self.shape[0], k, 1, 1), down.reshape(k, *self.shape[1:])  # (out,k,1,1), (k,in,kh,kw)
+        return up, down
+
+    def dense(self, k: int | None = None) -> Tensor:
+        """The (truncated) ΔW in its own shape — for tests and references; forms a d×k matrix."""
+        k = self.rank if k is None else k
+        flat = (self.U[:, :k] * self.S[:k]) @ self.Vh[:k]  # (out, in·kh·kw)
+        return flat.reshape(self.shape)
+
+
+def delta_shape(layer: Layer) -> tuple[int, ...]:
+    """The shape of ΔW without forming it (LyCORIS layers: formed, they have no cheaper way)."""
+    if isinstance(layer, LoRALayer):
+        if layer.mid is not None:
+            return (layer.up.shape[0], layer.down.shape[1], *layer.mid.shape[2:])
+        return (layer.up.shape[0], *layer.down.shape[1:])
+    return tuple(layer.delta().shape)
+
+
+def flat_factors(layer: Layer, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """(B, A, shape) with ΔW.flatten(1) = B @ A: B (out, m) carries the alpha/r scale, A (m, in·kh·kw).
+
+    LoRA: m = r, the Tucker mid folded into A. LoHa/LoKr: the dense ΔW's SVD at its numerical rank.
+    """
+    if not isinstance(layer, LoRALayer):
+        svd = dense_svd(layer.delta(dtype))
+        m = numerical_rank(svd.S, svd.U.shape[0], svd.Vh.shape[1])
+        return svd.U[:, :m] * svd.S[:m], svd.Vh[:m], svd.shape
+    up = layer.up.to(dtype).flatten(1)  # (out, r)
+    down = layer.down.to(dtype)
+    if layer.mid is not None:
+        core = torch.einsum("ijkl,jc->ickl", layer.mid.to(dtype), down.flatten(1))  # (r, in, kh, kw)
+        a = core.flatten(1)  # (r, in·kh·kw)
+    else:
+        a = down.flatten(1)  # (r, in·kh·kw)
+    return up * layer.scale, a, delta_shape(layer)
+
+
+def svd_of_product(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """U, S, Vh of B @ A (B d×r, A r×k) via QR of B and Aᵀ and the SVD of the small core; B @ A is never formed."""
+    q_b, r_b = torch.linalg.qr(b)  # (d, p), (p, r); p = min(d, r)
+    q_a, r_a = torch.linalg.qr(a.T)  # (k, q), (q, r); q = min(k, r)
+    u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # (p, m), (m,), (m, q)
+    return q_b @ u_c, s, vh_c @ q_a.T  # (d, m), (m,), (m, k)
+
+
+def dense_svd(delta: Tensor) -> FactoredSVD:
+    """The reference path: the SVD of a formed ΔW (reduced, so U is d×min(d,k), not d×d)."""
+    flat = delta.flatten(1)  # (out, in·kh·kw)
+    _check_finite(flat)
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    return FactoredSVD(u, s, vh, tuple(delta.shape))
+
+
+def layer_svd(layer: Layer, dtype: torch.dtype = torch.float32, *, key: str | None = None) -> FactoredSVD:
+    """The exact SVD of one layer's ΔW (alpha/r included) in ``dtype`` (fp32, or fp64 for more digits)."""
+    if not isinstance(layer, LoRALayer):
+        return dense_svd(_checked(layer.delta(dtype), key))
+    b, a, shape = flat_factors(layer, dtype)
+    _check_finite(b, key)
+    _check_finite(a, key)
+    u, s, vh = svd_of_product(b, a)
+    return FactoredSVD(u, s, vh, shape)
+
+
+def sum_svd(
+    terms: Sequence[tuple[Layer, float]], dtype: torch.dtype = torch.float32, *, key: str | None = None
+) -> FactoredSVD:
+    """The exact SVD of Σ wᵢ·ΔWᵢ from the concatenated factors B_cat = [w₁s₁B₁ | …], A_cat = [A₁; …]."""
+    if not terms:
+        raise LoraValueError("nothing to sum", key=key)
+    bs, as_, shape = [], [], None
+    for layer, weight in terms:
+        b, a, s = flat_factors(layer, dtype)
+        shape = common_shape(shape, s, key)
+        bs.append(b * weight)
+        as_.append(a)
+    b_cat, a_cat = torch.cat(bs, dim=1), torch.cat(as_, dim=0)  # (out, Σr), (Σr, in·kh·kw)
+    _check_finite(b_cat, key)
+    _check_finite(a_cat, key)
+    u, s, vh = svd_of_product(b_cat, a_cat)
+    return FactoredSVD(u, s, vh, shape)
+
+
+def numerical_rank(s: Tensor, d: int, k: int) -> int:
+    """How many singular values stand above rounding noise, at least 1.
+
+    The SVD's own noise floor is a few eps·σ₀ (measured ~3e-7·σ₀ in fp32 for LoHa-sized layers); the cut-off
+    σ₀·eps·√max(d, k) sits an order of magnitude above it, far below anything an fp16 file can store (5e-4).
+    numpy's matrix_rank uses max(d, k) instead of its square root, which would drop real directions at 1e-4·σ₀.
+    """
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 1
+    tol = float(s[0]) * torch.finfo(s.dtype).eps * max(d, k) ** 0.5
+    return max(1, int((s > tol).sum()))
+
+
+def same_flat_shape(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Equal shapes, or (out, in) and (out, in, 1, 1): the same weight of a 1×1 conv."""
+    return a == b or (a[:2] == b[:2] and a[2:] in ((), (1, 1)) and b[2:] in ((), (1, 1)))
+
+
+def common_shape(shape: tuple[int, ...] | None, new: tuple[int, ...], key: str | None) -> tuple[int, ...]:
+    if shape is None:
+        return new
+    if not same_flat_shape(shape, new):
+        raise LoraValueError(f"layers of shapes {shape} and {new} cannot be summed", key=key,
+                             hint="the LoRAs were made for different models")
+    return shape if len(shape) >= len(new) else new
+
+
+def _checked(t: Tensor, key: str | None) -> Tensor:
+    _check_finite(t, key)
+    return t
+
+
+def _check_finite(t: Tensor, key: str | None = None) -> None:
+    if not torch.isfinite(t).all():
+        raise LoraValueError("ΔW has NaN/Inf values", key=key, hint="the LoRA file is damaged or overflowed in fp16")
