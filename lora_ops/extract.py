@@ -1,6 +1,7 @@
 """Extract a LoRA from two models: the best low-rank approximation of (tuned − base), layer by layer.
 
-Inputs are single-file checkpoints (LDM names), diffusers folders, or in-memory state dicts in checkpoint naming.
+Inputs are single-file checkpoints (LDM names), diffusers folders, in-memory state dicts in checkpoint naming, or
+canonical key → weight mappings (what the hosts give).
 Weights are read one layer at a time (`safetensors.safe_open`), so the peak memory is a few layers, not two
 models. ΔW of a fine-tune is full-rank, so each layer needs a dense SVD — that is the cost of extraction. Unlike
 ComfyUI's extractor we do not clamp factor values to a quantile: the result is the exact Eckart–Young truncation,
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 Source = str | Path | Mapping[str, Tensor]
 Getter = Callable[[], Tensor]
+CANONICAL_PARTS = ("unet", "te1", "te2")
 DIFFUSERS_FILES = {
     "unet": "unet/diffusion_pytorch_model.safetensors",
     "text_encoder": "text_encoder/model.safetensors",
@@ -41,6 +43,9 @@ DIFFUSERS_FILES = {
 @contextmanager
 def open_weights(source: Source, family: str | None = None) -> Iterator[tuple[dict[str, Getter], str | None]]:
     """canonical key → a function reading that (2-D or 4-D) weight, and the family; files stay open meanwhile."""
+    if isinstance(source, Mapping) and source and all(k.split(".", 1)[0] in CANONICAL_PARTS for k in source):
+        yield {k: (lambda t=t: t) for k, t in source.items()}, family  # already canonical: host weights
+        return
     with ExitStack() as stack:
         files: list[tuple[str | None, Mapping[str, Tensor] | object, list[str]]] = []
         if isinstance(source, Mapping):

@@ -5,9 +5,12 @@ Node ids go into users' saved workflows: they never change once shipped.
 
 from . import routes
 from .apply import LoraOpsApply, LoraOpsApplyStack
+from .combine_node import LoraOpsCombine
+from .extract_node import LoraOpsExtract
 from .inspect_node import LoraOpsInspect
 from .load import LoraOpsLoad
 from .merge import LoraOpsMergeUnload
+from .resize_node import LoraOpsResize
 from .save import LoraOpsSave
 from .stack import LoraOpsStack
 
@@ -21,6 +24,9 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LoraOpsApply": LoraOpsApply,
     "LoraOpsApplyStack": LoraOpsApplyStack,
     "LoraOpsMergeUnload": LoraOpsMergeUnload,
+    "LoraOpsCombine": LoraOpsCombine,
+    "LoraOpsResize": LoraOpsResize,
+    "LoraOpsExtract": LoraOpsExtract,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoraOpsLoad": "Load LoRA (LoRA Ops)",
@@ -30,4 +36,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoraOpsApply": "Apply LoRA (LoRA Ops)",
     "LoraOpsApplyStack": "Apply LoRA Stack (LoRA Ops)",
     "LoraOpsMergeUnload": "Merge & Unload LoRAs (LoRA Ops)",
+    "LoraOpsCombine": "Combine LoRA Stack (LoRA Ops)",
+    "LoraOpsResize": "Rank-Resize LoRA (LoRA Ops)",
+    "LoraOpsExtract": "Extract LoRA (LoRA Ops)",
 }

@@ -161,12 +161,11 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t.float()).all())
 
 
-def merged_patcher(patcher: Any) -> Any:
-    """A clone of ``patcher`` whose patches are replaced by "set" patches holding the merged weights.
+def patched_weights(patcher: Any) -> dict[str, torch.Tensor]:
+    """State-dict key → W with every pending patch applied, as ComfyUI computes it on a full load.
 
     Each weight is computed as ComfyUI's ``patch_weight_to_device`` does (fp32, ``calculate_weight``, ComfyUI's
-    rounding to the weight's dtype), so the merged model gives exactly what the patched one gives on a full load.
-    Refuses, with nothing built, if any merged weight would hold NaN/Inf. ``patcher`` itself is not modified.
+    rounding to the weight's dtype). Refuses if any result would hold NaN/Inf. ``patcher`` is not modified.
     """
     import comfy.float
     import comfy.lora
@@ -191,6 +190,15 @@ def merged_patcher(patcher: Any) -> Any:
                     hint="the LoRA holds NaN/Inf or is too strong for the weight's dtype",
                 )
             merged[key] = out.to(patcher.offload_device)
+    return merged
+
+
+def merged_patcher(patcher: Any) -> Any:
+    """A clone of ``patcher`` whose patches are replaced by "set" patches holding the merged weights.
+
+    The merged model gives exactly what the patched one gives on a full load (see `patched_weights`).
+    """
+    merged = patched_weights(patcher)
     clone = patcher.clone()
     clone.patches = {}
     clone.add_patches({key: ("set", (value,)) for key, value in merged.items()}, 1.0, 1.0)
@@ -208,3 +216,14 @@ def merge_and_unload(model: Any | None, clip: Any | None) -> tuple[Any | None, A
         new_clip = clip.clone()
         new_clip.patcher = merged_patcher(clip.patcher)
     return new_model, new_clip
+
+
+def unet_weights(model: Any) -> dict[str, torch.Tensor]:
+    """Canonical key → effective weight (pending patches applied) of every Linear/Conv weight of a MODEL's UNet."""
+    state = model.model_state_dict()
+    patched = patched_weights(model) if model.patches else {}
+    out = {}
+    for name, tensor in state.items():
+        if name.startswith(UNET_PREFIX) and name.endswith(".weight") and tensor.ndim >= 2:
+            out["unet." + name[len(UNET_PREFIX) : -len(".weight")]] = patched.get(name, tensor)
+    return out
