@@ -1,16 +1,24 @@
-"""`lora-ops demo` runs every stage and every check passes."""
+"""`lora-ops demo` runs every stage, every check passes, and the report and pictures are real files."""
 
 import json
 
+from PIL import Image
+
 from lora_ops.cli import main
 
+STAGES = {"build", "save", "inspect", "resize", "combine", "apply", "merge", "bake", "extract"}
 
-def test_demo_runs_and_every_check_passes(tmp_path, capsys):
+
+def test_demo_runs_every_stage_and_every_check_passes(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "FAIL" not in out
+    assert "FAIL" not in out and " 0 failed" in out
     checks = json.loads((tmp_path / "checks.json").read_text())
-    assert checks and all(c["passed"] for c in checks)
-    assert {c["stage"] for c in checks} >= {"build", "save", "inspect"}
-    assert (tmp_path / "sample_kohya.safetensors").stat().st_size > 0
+    assert {c["stage"] for c in checks} == STAGES
+    assert all(c["passed"] for c in checks)
+    for name in ("grid.png", "spectrum_rank4.png", "spectrum_sv_fro.png"):
+        with Image.open(tmp_path / name) as image:
+            image.verify()
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "http" not in page  # self-contained
     assert json.loads((tmp_path / "inspect.json").read_text())["family"] == "sd1"
