@@ -148,7 +148,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(out_dir=args.out, steps=args.steps, progress=not args.quiet, echo=_out)
+    return run_demo(out_dir=args.out, progress=not args.quiet, echo=_out)
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
@@ -235,9 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p)
     p.set_defaults(func=cmd_bake)
 
-    p = sub.add_parser("demo", help="write a sample LoRA for the embedded tiny SD1.5-shaped model and check it")
-    p.add_argument("--out", default="lora-ops-demo", help="folder for the demo's files")
-    p.add_argument("--steps", type=int, default=0, help="training steps (0: a random LoRA)")
+    p = sub.add_parser("demo", help="run the whole LoRA life cycle on the embedded tiny SD1.5-shaped model")
+    p.add_argument("--out", default="lora-ops-demo", help="folder for the demo's files (report.html, PNGs, files)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser

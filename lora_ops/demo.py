@@ -94,7 +94,6 @@ def _lora_for(pipe, *, rank: int, seed: int, std: float) -> L.LoRA:
 
 def run_demo(
     out_dir: str | Path = "lora-ops-demo",
-    steps: int = 0,
     progress: bool = True,
     echo: Callable[[str], None] = lambda _s: None,
 ) -> int:
