@@ -106,3 +106,31 @@ def test_peft_file_loads_with_set_peft_model_state_dict(tmp_path):
     worst = max((dict(merged.named_modules())[names[k]].weight - before[k] - L.delta(layer)).abs().max().item()
                 for k, layer in lora.layers.items())
     assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize("operation", ["resize", "combine", "extract"])
+def test_math_outputs_load_in_diffusers_with_every_key(tmp_path, warnings_log, operation):
+    from lora_ops.combine import combine
+    from lora_ops.extract import extract
+    from lora_ops.files import load_lora
+    from lora_ops.resize import resize
+
+    a = sample_lora("sd1", rank=8, alpha=4.0, attention_only=True, seed=1)
+    if operation == "resize":
+        out, _ = resize(a, "sv_fro:0.95")
+    elif operation == "combine":
+        out, _ = combine([(a, 0.7, 0.7), (sample_lora("sd1", rank=4, attention_only=True, seed=2), 0.5, 0.5)],
+                         "svd", 6)
+    else:
+        pipe = tiny.tiny_sd1_pipeline()
+        base = {k: dict(m.named_modules())[p].weight.detach().clone() for k, (p, m) in _pipeline_modules(
+            pipe, "sd1").items()}
+        tuned = {k: w + L.delta(a[k]).reshape(w.shape) if k in a.layers else w for k, w in base.items()}
+        out, _ = extract(base, tuned, 8)
+    path = save_lora(out, tmp_path / f"{operation}.safetensors", "diffusers")
+    assert L.equal(load_lora(path), out)
+    deltas = _fused_deltas(tiny.tiny_sd1_pipeline(), "sd1", path, out)
+    assert not [m for m in warnings_log if "unexpected" in m.lower() or "missing" in m.lower()], warnings_log
+    worst = max((deltas[k] - L.delta(layer).reshape(deltas[k].shape)).abs().max().item()
+                for k, layer in out.layers.items())
+    assert worst <= 1e-6, worst
