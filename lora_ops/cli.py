@@ -55,16 +55,22 @@ def parse_weighted(spec: str, *, texts: bool = True) -> tuple[str, float, float]
     return ":".join(parts), weight, numbers[1] if len(numbers) > 1 else weight
 
 
-def cmd_bake(args: argparse.Namespace) -> int:
-    from .bake import bake
+def _load_weighted(args: argparse.Namespace) -> list:
+    """The ``FILE[:w[:w_text]]`` arguments as (LoRA, w, w_text) items."""
     from .files import load_lora
 
     items = []
     for spec in args.loras:
         path, w, wt = parse_weighted(spec)
-        items.append((load_lora(path, family=args.family, allow_pickle=args.allow_pickle, strict=not args.lenient),
-                      w, wt))
-    report = bake(args.checkpoint, items, args.output, dtype=args.dtype, overwrite=args.overwrite,
+        lora = load_lora(path, family=args.family, allow_pickle=args.allow_pickle, strict=not args.lenient)
+        items.append((lora, w, wt))
+    return items
+
+
+def cmd_bake(args: argparse.Namespace) -> int:
+    from .bake import bake
+
+    report = bake(args.checkpoint, _load_weighted(args), args.output, dtype=args.dtype, overwrite=args.overwrite,
                   progress=not args.quiet, strict=not args.partial, family=args.family)
     _out(report.summary())
     return 0
@@ -116,13 +122,9 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .combine import combine
-    from .files import load_lora, save_lora
+    from .files import save_lora
 
-    items = []
-    for spec in args.loras:
-        path, w, wt = parse_weighted(spec)
-        items.append((load_lora(path, family=args.family, allow_pickle=args.allow_pickle, strict=not args.lenient),
-                      w, wt))
+    items = _load_weighted(args)
     out, report = combine(items, args.method, _rule_from_args(args), seed=args.seed, density=args.density,
                           progress=not args.quiet)
     path = save_lora(out, args.output, _output_format(args, items[0][0]), overwrite=args.overwrite)
