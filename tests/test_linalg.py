@@ -187,3 +187,21 @@ def test_not_forming_delta_is_much_cheaper():
     assert svd.U.shape == (2048, 8) and svd.Vh.shape == (8, 1024)
     ref = torch.linalg.svdvals(layer.up.double() @ layer.down.double())[:8]  # the non-zero part of the spectrum
     assert float((svd.S.double() - ref).abs().max()) <= REL * float(ref[0])
+
+
+def test_cholesky_fast_path_matches_householder_and_declines_ill_conditioned():
+    from lora_ops import linalg
+
+    g = torch.Generator().manual_seed(7)
+    b, a = torch.randn(300, 16, generator=g, dtype=torch.float64), torch.randn(16, 200, generator=g,
+                                                                               dtype=torch.float64)
+    assert linalg._cholesky_r(b) is not None and linalg._cholesky_r(a.T) is not None
+    u, s, vh = linalg.svd_of_product(b, a)
+    torch.testing.assert_close(s, torch.linalg.svdvals(b @ a)[:16], rtol=1e-10, atol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(16, dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close((u * s) @ vh, b @ a, rtol=1e-10, atol=1e-10)
+    bad = b.clone()
+    bad[:, 0] = bad[:, 1] * (1 + 1e-9)  # nearly dependent columns: κ² too large for Cholesky-QR
+    assert linalg._cholesky_r(bad) is None
+    expected = torch.linalg.svdvals(bad @ a)[:16]
+    torch.testing.assert_close(linalg.svd_of_product(bad, a)[1], expected, rtol=1e-6, atol=1e-9)
