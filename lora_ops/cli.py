@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p)
     p.set_defaults(func=cmd_bake)
 
+    from .train.cli import add_train_arguments, train_from_args
+
+    p = sub.add_parser("train", help="train a LoRA on a folder of captioned images (diffusers model folder)")
+    add_train_arguments(p)
+    p.set_defaults(func=train_from_args)
+
     p = sub.add_parser("demo", help="run the whole LoRA life cycle on the embedded tiny SD1.5-shaped model")
     p.add_argument("--out", default="lora-ops-demo", help="folder for the demo's files (report.html, PNGs, files)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -59,6 +59,7 @@ def test_readme_cli_reference_parses():
         "merge": ["merge", "a:0.7", "b:0.5:0.3", "-o", "c", "--method", "svd", "--rank", "8"],
         "extract": ["extract", "a", "b", "-o", "c", "--rank", "8"],
         "bake": ["bake", "ck", "l:1:0.5", "-o", "out", "--dtype", "fp16"],
+        "train": ["train", "data", "--tiny", "sd1", "-o", "out", "--rank", "8", "--max-steps", "10"],
         "demo": ["demo", "--out", "d"],
     }
     documented = [line.split()[1] for line in block.splitlines() if line.startswith("lora-ops ")]

@@ -1,0 +1,153 @@
+"""A diffusers Stable Diffusion 1.x / SDXL pipeline as a `TrainingBackend`.
+
+Encoding follows the diffusers training scripts: VAE latents × ``scaling_factor`` (the distribution's mean is
+used, since latents are cached once: every epoch sees the same latents), CLIP token ids padded to
+``model_max_length``; SD 1.x conditions on the last hidden state of the text encoder, SDXL on the penultimate
+hidden states of both encoders concatenated plus the second encoder's pooled projection and the six
+micro-conditioning numbers. The noise schedule is the pipeline scheduler's config read as a DDPM training schedule
+(as ``DDPMScheduler.from_pretrained(…, subfolder="scheduler")`` does in the scripts), with its prediction type.
+
+diffusers is imported lazily; the pipeline itself is duck-typed (``unet``, ``vae``, ``text_encoder[_2]``,
+``tokenizer[_2]``, ``scheduler``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import keymap
+from ..errors import LoraFileError, LoraValueError
+from .backend import Conditioning
+from .schedule import NoiseSchedule
+
+Tensor = torch.Tensor
+
+
+class DiffusersBackend:
+    """Train on a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (any widths, e.g. the tiny ones)."""
+
+    def __init__(self, pipe: Any, *, model_name: str | None = None, model_hash: str | None = None):
+        self.pipe = pipe
+        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        unet_paths = [n for n, m in pipe.unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+        self.family = keymap.detect_unet_family(unet_paths) or ("sdxl" if self.sdxl else "sd1")
+        self.model_name = model_name
+        self.model_hash = model_hash
+        self._ids: dict[tuple[int, str], Tensor] = {}
+        self._gc_before = bool(getattr(pipe.unet, "is_gradient_checkpointing", False))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32) -> DiffusersBackend:
+        """Load a local diffusers pipeline folder (``model_index.json``); never downloads."""
+        folder = Path(path)
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise LoraFileError("not a diffusers pipeline folder", file=folder, hint="expected model_index.json")
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+        import diffusers
+
+        if "XL" in name:
+            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        else:
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+                folder, torch_dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
+            )
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, model_name=folder.name)
+
+    # ---------------------------------------------------------------------------------------------- modules
+    def denoiser(self) -> nn.Module:
+        return self.pipe.unet
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        out = {"te1": self.pipe.text_encoder}
+        if self.sdxl:
+            out["te2"] = self.pipe.text_encoder_2
+        return out
+
+    def layer_keys(self, part: str) -> dict[str, str]:
+        if part == "unet":
+            canonical = keymap.unet_canonical_keys(self.pipe.unet, self.family)
+        elif part in self.text_encoders():
+            canonical = keymap.te_canonical_keys(self.text_encoders()[part], part)
+        else:
+            raise LoraValueError(f"this pipeline has no part '{part}'")
+        return {path: key for key, path in canonical.items()}
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    def to(self, device: torch.device) -> None:
+        self.pipe.to(device)
+
+    def set_gradient_checkpointing(self, enabled: bool, *, text_encoders: bool = False) -> None:
+        unet = self.pipe.unet
+        if enabled:
+            unet.enable_gradient_checkpointing()
+        elif not self._gc_before:
+            unet.disable_gradient_checkpointing()
+        if text_encoders:
+            for te in self.text_encoders().values():
+                te.gradient_checkpointing_enable() if enabled else te.gradient_checkpointing_disable()
+
+    # ----------------------------------------------------------------------------------------------- math
+    def noise_schedule(self) -> NoiseSchedule:
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        return NoiseSchedule(
+            prediction_type=sched.config.prediction_type,
+            num_train_timesteps=int(sched.config.num_train_timesteps),
+            alphas_cumprod=sched.alphas_cumprod.detach().float().clone(),
+        )
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        vae = self.pipe.vae
+        dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        latents = dist.mean  # (B, C, H/8, W/8)
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents - shift
+        return latents * vae.config.scaling_factor
+
+    def _tokens(self, which: int, prompts: Sequence[str]) -> Tensor:
+        tokenizer = self.pipe.tokenizer if which == 1 else self.pipe.tokenizer_2
+        missing = [p for p in dict.fromkeys(prompts) if (which, p) not in self._ids]
+        if missing:
+            ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids  # (n, 77)
+            self._ids.update({(which, p): row for p, row in zip(missing, ids)})
+        return torch.stack([self._ids[(which, p)] for p in prompts])  # (B, 77)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        te1 = self.pipe.text_encoder
+        ids1 = self._tokens(1, prompts).to(te1.device)
+        if not self.sdxl:
+            return {"prompt_embeds": te1(ids1)[0]}  # (B, 77, hidden)
+        te2 = self.pipe.text_encoder_2
+        ids2 = self._tokens(2, prompts).to(te2.device)
+        h1 = te1(ids1, output_hidden_states=True).hidden_states[-2]  # (B, 77, h1)
+        out2 = te2(ids2, output_hidden_states=True)
+        h2 = out2.hidden_states[-2]  # (B, 77, h2)
+        return {"prompt_embeds": torch.cat([h1, h2], dim=-1), "pooled": out2[0]}  # (B, 77, h1+h2), (B, proj)
+
+    def predict(self, denoiser: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Conditioning, micro: Tensor
+                ) -> Tensor:
+        dtype = next(iter(denoiser.parameters())).dtype  # conv_in's (ModelMixin.dtype walks every module)
+        kwargs: dict[str, Any] = {"encoder_hidden_states": cond["prompt_embeds"].to(dtype)}
+        if self.sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"].to(dtype), "time_ids": micro.to(dtype)}
+        return denoiser(noisy.to(dtype), timesteps, **kwargs).sample
+
+    def describe(self) -> Mapping[str, str]:
+        out = {"ss_sd_model_name": self.model_name or type(self.pipe).__name__}
+        if self.model_hash:
+            out["ss_new_sd_model_hash"] = self.model_hash
+        return out
