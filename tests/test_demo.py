@@ -6,7 +6,7 @@ from PIL import Image
 
 from lora_ops.cli import main
 
-STAGES = {"build", "save", "inspect", "resize", "combine", "apply", "merge", "bake", "extract"}
+STAGES = {"build", "train", "save", "inspect", "resize", "combine", "apply", "merge", "bake", "extract"}
 
 
 def test_demo_runs_every_stage_and_every_check_passes(tmp_path, capsys):
@@ -16,9 +16,9 @@ def test_demo_runs_every_stage_and_every_check_passes(tmp_path, capsys):
     checks = json.loads((tmp_path / "checks.json").read_text())
     assert {c["stage"] for c in checks} == STAGES
     assert all(c["passed"] for c in checks)
-    for name in ("grid.png", "spectrum_rank4.png", "spectrum_sv_fro.png"):
+    for name in ("grid.png", "loss.png", "spectrum_rank4.png", "spectrum_sv_fro.png"):
         with Image.open(tmp_path / name) as image:
             image.verify()
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "http" not in page  # self-contained
+    assert page.count("data:image/png;base64,") == 4 and "http" not in page  # self-contained
     assert json.loads((tmp_path / "inspect.json").read_text())["family"] == "sd1"
