@@ -17,7 +17,6 @@ from .layers import ANY_SUFFIXES, build_layer, group_by_module, layer_tensors
 
 UNET_PREFIX = "diffusion_model."
 TE_PREFIXES = {"te1": "text_encoders.clip_l.transformer.", "te2": "text_encoders.clip_g.transformer."}
-META_KEYS: tuple[str, ...] = ()
 
 
 def detect(keys: list[str], metadata: Mapping[str, str]) -> bool:

@@ -19,7 +19,6 @@ from . import names
 from .layers import KOHYA_SUFFIXES, LYCORIS_PARTS, build_layer, group_by_module, layer_tensors
 
 PART_PREFIXES = {"lora_unet_": "unet", "lora_te_": "te1", "lora_te1_": "te1", "lora_te2_": "te2"}
-META_KEYS: tuple[str, ...] = ()  # kohya metadata (ss_*, modelspec.*) is user metadata: kept as is
 
 
 def detect(keys: list[str], metadata: Mapping[str, str]) -> bool:
