@@ -30,13 +30,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from . import lora as L
 from .errors import LoraValueError
 from .inspect import TRIGGER_KEYS
 from .linalg import FactoredSVD, common_shape, delta_shape, dense_svd, flat_factors, sum_svd
 from .lora import Layer, LoRA, LoRALayer
+from .progress import Progress, track
 from .rank_rules import Fixed, RankRule, as_rule, choose_rank, choose_ranks
 from .resize import LayerReport, _summary, fixed_bytes, is_big_conv, layer_report, updated_metadata
 
@@ -115,7 +115,7 @@ def combine(
     density: float = 0.5,
     dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype = torch.float32,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> tuple[LoRA, CombineReport]:
     """One LoRA from ``items`` = [(lora, weight, text_weight or None), …] by ``method`` (see the module docs).
 
@@ -137,7 +137,7 @@ def combine(
     pending: dict[str, tuple[Terms, FactoredSVD]] = {}  # a global rule needs every spectrum first
     rules: dict[str, RankRule] = {}
     needs_all = any(r is not None and r.is_global for r in (rule, conv_rule))
-    for key in tqdm(keys, desc=f"combine ({method})", disable=not progress):
+    for key in track(keys, f"combine ({method})", progress):
         terms = _terms(key, loras, weights, per_item_bw)
         if not terms:
             continue

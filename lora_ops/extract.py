@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
 
 from .errors import LoraFileError, LoraValueError
 from .io import read_safetensors_header
 from .keymap import checkpoint_family, checkpoint_targets
 from .linalg import FactoredSVD
 from .lora import LoRA, LoRALayer, nbytes
+from .progress import Progress, track
 from .rank_rules import RankRule, as_rule, choose_rank
 from .resize import ResizeReport, layer_report
 
@@ -92,7 +92,7 @@ def extract(
     min_diff: float = 0.0,
     dtype: torch.dtype = torch.float32,
     compute_dtype: torch.dtype = torch.float32,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> tuple[LoRA, ResizeReport]:
     """A LoRA whose ΔW approximates tuned − base for every Linear/Conv weight of ``parts`` (per-layer rank rules).
 
@@ -109,7 +109,7 @@ def extract(
             log.warning("%d weights of the base are not in the tuned model (e.g. %s)", len(missing), missing[0])
         layers: dict[str, LoRALayer] = {}
         reports = []
-        for key in tqdm(keys, desc="extract", unit="layer", disable=not progress):
+        for key in track(keys, "extract", progress):
             w0, w1 = base_w[key](), tuned_w[key]()
             if w0.ndim < 2:
                 continue

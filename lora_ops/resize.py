@@ -18,11 +18,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from . import lora as L
 from .linalg import FactoredSVD, layer_svd
 from .lora import Layer, LoRA, LoRALayer
+from .progress import Progress, track
 from .rank_rules import RankRule, as_rule, choose_rank, choose_ranks
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def resize(
     dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype = torch.float32,
     drop_zero: bool = False,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> tuple[LoRA, ResizeReport]:
     """The LoRA at the ranks ``rule`` picks (``conv_rule`` for conv kernels larger than 1×1), and what was kept.
 
@@ -134,14 +134,14 @@ def resize(
     layers: dict[str, Layer] = {}
     reports: list[LayerReport] = []
     if not any(r.is_global for r in rules.values()):  # stream: one layer's SVD in memory at a time
-        for key, layer in tqdm(lora.layers.items(), desc="resize", disable=not progress):
+        for key, layer in track(lora.layers.items(), "resize", progress):
             svd = layer_svd(layer, compute_dtype, key=key)
             k = choose_rank(rules[key], svd.S, key, drop_zero=drop_zero)
             _emit(key, layer, svd, k, dtype, layers, reports)
     else:  # a global rule needs every spectrum before any rank is chosen
         svds = {
             key: layer_svd(layer, compute_dtype, key=key)
-            for key, layer in tqdm(lora.layers.items(), desc="resize: SVD", disable=not progress)
+            for key, layer in track(lora.layers.items(), "resize: SVD", progress)
         }
         per_rank = {k: (s.U.shape[0] + s.Vh.shape[1]) * _out_dtype(lora[k], dtype).itemsize for k, s in svds.items()}
         ranks = choose_ranks(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..lora_ops.combine import combine
 from ..lora_ops.errors import LoraValueError
+from . import comfy_env
 from .rank_inputs import conv_rule_from_inputs, rank_rule_inputs, rule_from_inputs
 from .resize_node import report_text
 from .types import CATEGORY, LORA, LORA_STACK
@@ -41,5 +42,5 @@ class LoraOpsCombine:
         use_rule = method != "concat"
         out, report = combine(items, method, rule_from_inputs(rule, value) if use_rule else None,
                               conv_rule=conv_rule_from_inputs(conv_rank) if use_rule else None,
-                              seed=seed, density=density)
+                              seed=seed, density=density, progress=comfy_env.layer_progress())
         return (out, report_text(report))

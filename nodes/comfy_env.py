@@ -91,3 +91,19 @@ def throw_if_interrupted() -> None:
     mm = _comfy("comfy.model_management")
     if mm is not None:
         mm.throw_exception_if_processing_interrupted()
+
+
+def layer_progress():
+    """A ``(done, total)`` callback for lora_ops loops: ComfyUI's progress bar (raising on Cancel), or None."""
+    utils = _comfy("comfy.utils")
+    if utils is None:
+        return False
+    bar = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in bar:
+            bar["bar"] = utils.ProgressBar(max(total, 1))
+        bar["bar"].update_absolute(done, max(total, 1))
+        throw_if_interrupted()
+
+    return update

@@ -9,7 +9,7 @@ import torch
 from ..lora_ops import keymap
 from ..lora_ops.errors import LoraValueError
 from ..lora_ops.extract import extract
-from . import comfy_host
+from . import comfy_env, comfy_host
 from .diffusers_model import DiffusersModel
 from .rank_inputs import conv_rule_from_inputs, rank_rule_inputs, rule_from_inputs
 from .resize_node import report_text
@@ -49,5 +49,6 @@ class LoraOpsExtract:
 
     def extract(self, base_model, tuned_model, rule, value, conv_rank=0):
         lora, report = extract(unet_weights(base_model), unet_weights(tuned_model), rule_from_inputs(rule, value),
-                               conv_rule=conv_rule_from_inputs(conv_rank))
+                               conv_rule=conv_rule_from_inputs(conv_rank),
+                               progress=comfy_env.layer_progress())
         return (lora, report_text(report))

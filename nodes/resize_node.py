@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..lora_ops.plots import spectrum_plot
 from ..lora_ops.resize import resize
+from . import comfy_env
 from .images import to_image_tensor
 from .rank_inputs import conv_rule_from_inputs, rank_rule_inputs, rule_from_inputs
 from .types import CATEGORY, LORA
@@ -32,5 +33,6 @@ class LoraOpsResize:
         return {"required": {"lora": (LORA, {"tooltip": "The LoRA to shrink."}), **rank_rule_inputs()}}
 
     def resize(self, lora, rule, value, conv_rank=0):
-        out, report = resize(lora, rule_from_inputs(rule, value), conv_rule=conv_rule_from_inputs(conv_rank))
+        out, report = resize(lora, rule_from_inputs(rule, value), conv_rule=conv_rule_from_inputs(conv_rank),
+                             progress=comfy_env.layer_progress())
         return (out, report_text(report), to_image_tensor(spectrum_plot(report)))
