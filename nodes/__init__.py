@@ -13,6 +13,7 @@ from .merge import LoraOpsMergeUnload
 from .resize_node import LoraOpsResize
 from .save import LoraOpsSave
 from .stack import LoraOpsStack
+from .train_node import LoraOpsTrain
 
 routes.register()
 
@@ -27,6 +28,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LoraOpsCombine": LoraOpsCombine,
     "LoraOpsResize": LoraOpsResize,
     "LoraOpsExtract": LoraOpsExtract,
+    "LoraOpsTrain": LoraOpsTrain,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoraOpsLoad": "Load LoRA (LoRA Ops)",
@@ -39,4 +41,5 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoraOpsCombine": "Combine LoRA Stack (LoRA Ops)",
     "LoraOpsResize": "Rank-Resize LoRA (LoRA Ops)",
     "LoraOpsExtract": "Extract LoRA (LoRA Ops)",
+    "LoraOpsTrain": "Train LoRA (LoRA Ops)",
 }

@@ -80,6 +80,10 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
 
+    def update_absolute(self, value: int, total: int | None = None) -> None:
+        if self._bar is not None:
+            self._bar.update_absolute(value, total)
+
 
 def interrupted() -> bool:
     """True when the user pressed Cancel in ComfyUI (checked between steps of long work)."""
@@ -107,3 +111,15 @@ def layer_progress():
         throw_if_interrupted()
 
     return update
+
+
+def send_event(event: str, data: dict) -> None:
+    """Send a message to the browser (``api.addEventListener(event, …)`` in web/); a no-op outside ComfyUI."""
+    server = _comfy("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None) if server is not None else None
+    if instance is None:
+        return
+    try:
+        instance.send_sync(event, data, getattr(instance, "client_id", None))
+    except Exception as err:  # a closed websocket must not stop the work
+        log.debug("could not send %s: %s", event, err)

@@ -16,6 +16,7 @@ from lora_ops.errors import LoraValueError
 from lora_ops.files import load_lora, save_lora
 from lora_ops.testing import tiny
 from lora_ops.train import Dataset, TrainConfig, Trainer, train
+from lora_ops.train.data import fit_to_bucket
 from lora_ops.train.diffusers_backend import DiffusersBackend
 
 RED = (220, 30, 30)
@@ -424,3 +425,22 @@ def test_half_precision_autocast_trains_with_fp32_master_weights(sd1_backend, tm
     state = json.loads((tmp_path / "lora-checkpoints" / "checkpoint-000001" / "state.json").read_text())
     assert (state["grad_scaler"] is not None) == (dtype == "float16")
     assert next(sd1_backend.denoiser().parameters()).dtype == torch.float32  # the host's weights untouched
+
+
+def test_pre_encoded_latents_and_conditioning_train_like_images(sd1_backend):
+    """ComfyUI's LATENT + CONDITIONING path: the same numbers in give the bit-identical LoRA of the image path."""
+    config = TrainConfig(rank=4, max_steps=3, batch_size=2, learning_rate=1e-3, resolution=64, seed=2,
+                         hash_base_model=False)
+    images = _three_colours()
+    by_images = train(config, sd1_backend, images).lora
+    pixels = torch.stack([fit_to_bucket(item.load(), (64, 64))[0] for item in images.items])  # (3, 3, 64, 64)
+    with torch.no_grad():
+        latents = sd1_backend.encode_images(pixels)
+        conds = [{k: v[0] for k, v in sd1_backend.encode_prompts([item.caption]).items()} for item in images.items]
+    encoded = Dataset.from_latents(latents, [item.caption for item in images.items], conds=conds)
+    by_latents = train(config, sd1_backend, encoded).lora
+    assert set(by_latents.layers) == set(by_images.layers)
+    for key, layer in by_images.layers.items():
+        assert torch.allclose(by_latents.layers[key].up, layer.up, rtol=0, atol=1e-6), key
+    with pytest.raises(LoraValueError, match="pre-encoded"):
+        train(config.replace(train_text_encoder=True), sd1_backend, encoded)

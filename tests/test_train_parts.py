@@ -233,3 +233,25 @@ def test_loss_plot_image(tmp_path):
     assert image.mode == "RGB" and image.size == (800, 450)
     assert Image.open(tmp_path / "loss.png").size == (800, 450)
     assert loss_plot({}).size == (800, 450)  # nothing trained yet still draws
+
+
+def test_flow_shift_moves_timesteps_toward_noise():
+    plain, shifted = NoiseSchedule("flow", 1000), NoiseSchedule("flow", 1000, flow_shift=3.0)
+    u = (torch.arange(4) + 0.5) / 4
+    assert torch.allclose(plain.eval_timesteps(4), u * 1000)
+    assert torch.allclose(shifted.eval_timesteps(4), 3 * u / (1 + 2 * u) * 1000)  # SD3's time shift
+    draws = shifted.sample_timesteps(1000, torch.Generator().manual_seed(0))
+    assert 0 <= float(draws.min()) and float(draws.max()) <= 1000 and float(draws.mean()) > 600  # plain: ~500
+    with pytest.raises(LoraValueError, match="positive"):
+        NoiseSchedule("flow", 1000, flow_shift=0.0)
+
+
+def test_pre_encoded_data_is_checked():
+    latents = torch.zeros(3, 4, 8, 8)
+    assert [i.caption for i in Dataset.from_latents(latents, "a").items] == ["a"] * 3
+    with pytest.raises(LoraValueError, match="3 latents but 2 captions"):
+        Dataset.from_latents(latents, ["a", "b"])
+    with pytest.raises(LoraValueError, match="3 latents but 2 conditionings"):
+        Dataset.from_latents(latents, "a", conds=[{"c": torch.zeros(1)}] * 2)
+    with pytest.raises(LoraValueError, match=r"\(N, C, h, w\)"):
+        Dataset.from_latents(torch.zeros(4, 8, 8))

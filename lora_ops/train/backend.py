@@ -6,14 +6,15 @@ protocol. A backend supplies
 - the modules to inject LoRA into (the denoiser, and the text encoders for text-encoder LoRA), with the canonical
   key of each targetable layer (``unet.<LDM path>``, ``te1.text_model…``) so the result is a `LoRA` value;
 - ``encode_images``: pixels (B, 3, H, W) in [-1, 1] → latents already multiplied by the VAE scaling factor;
+  ``process_latents``: the same scaling for latents that arrive encoded (ComfyUI's LATENT);
 - ``encode_prompts``: captions → a dict of tensors batched on dim 0 (whatever its ``predict`` needs); called
   without autograd when the text encoders are frozen (the loop caches the result), with autograd otherwise;
 - ``noise_schedule``: a `NoiseSchedule` (ᾱ table + ε / v prediction, or flow matching);
 - ``predict``: the denoiser's output for noisy latents, timesteps, a conditioning batch and the per-image
   micro-conditioning numbers (original size, crop top-left, target size; SDXL uses them, SD 1.x ignores them).
 
-`lora_ops.train.diffusers_backend.DiffusersBackend` implements it for diffusers SD 1.x / SDXL pipelines; a ComfyUI
-MODEL backend implements the same methods over ComfyUI's objects.
+`lora_ops.train.diffusers_backend.DiffusersBackend` implements it for diffusers SD 1.x / SDXL pipelines;
+``nodes.comfy_train.ComfyBackend`` implements the same methods over ComfyUI's MODEL, CLIP and VAE.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class TrainingBackend(Protocol):
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] on the training device → scaled latents (B, C, H/f, W/f)."""
+        ...
+
+    def process_latents(self, samples: Tensor) -> Tensor:
+        """Raw VAE latents (what a VAE encoder outputs, e.g. ComfyUI's LATENT) → scaled latents, like
+        `encode_images`' output, for data that arrives already encoded (`Dataset.from_latents`)."""
         ...
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:

@@ -44,6 +44,20 @@ class DataItem:
     repeats: int
     folder: str  # dataset folder name (kohya's ss_tag_frequency / ss_dataset_dirs key)
     load: ImageLoader = field(repr=False, compare=False)
+    encoded: Encoded | None = field(default=None, repr=False, compare=False)  # precomputed: no image to decode
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A sample whose encoders already ran (ComfyUI's LATENT / CONDITIONING): nothing left to decode or encode.
+
+    ``latents``: (C, h, w), already scaled as the denoiser sees them (the host's ``process_latents``).
+    ``cond``: the conditioning tensors without batch dim (whatever the host's ``predict`` reads), or None when the
+    caption is to be encoded by the host as usual.
+    """
+
+    latents: torch.Tensor
+    cond: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -98,6 +112,42 @@ class Dataset:
             for i, (img, cap) in enumerate(zip(pil, caps))
         ]
         return cls(items)
+
+    @classmethod
+    def from_latents(
+        cls,
+        latents: torch.Tensor,
+        captions: Sequence[str] | str = "",
+        *,
+        conds: Sequence[dict[str, torch.Tensor]] | None = None,
+        name: str = "latents",
+        repeats: int = 1,
+    ) -> Dataset:
+        """Pre-encoded data: scaled ``latents`` (N, C, h, w), and per sample a conditioning dict (``conds``, one
+        for all or one each) or a caption for the host to encode. Captions still feed the metadata."""
+        if latents.ndim != 4 or len(latents) == 0:
+            raise LoraValueError(f"latents must be a non-empty (N, C, h, w) batch, got {tuple(latents.shape)}")
+        n = len(latents)
+        caps = [captions] * n if isinstance(captions, str) else list(captions)
+        if len(caps) == 1 and n > 1:
+            caps = caps * n
+        if len(caps) != n:
+            raise LoraValueError(f"{n} latents but {len(caps)} captions", hint="give one caption, or one per latent")
+        per = list(conds) if conds is not None else [None] * n
+        if len(per) == 1 and n > 1:
+            per = per * n
+        if len(per) != n:
+            raise LoraValueError(f"{n} latents but {len(per)} conditionings", hint="give one, or one per latent")
+        items = [
+            DataItem(f"{name}[{i}]", cap.strip(), repeats, f"{repeats}_{name}", _no_image,
+                     Encoded(latents[i], dict(cond) if cond is not None else None))
+            for i, (cap, cond) in enumerate(zip(caps, per))
+        ]
+        return cls(items)
+
+
+def _no_image() -> Image.Image:
+    raise LoraValueError("this sample is pre-encoded: it has no image")
 
 
 def _constant(image: Image.Image) -> ImageLoader:

@@ -117,6 +117,15 @@ class DiffusersBackend:
             latents = latents - shift
         return latents * vae.config.scaling_factor
 
+    def process_latents(self, samples: Tensor) -> Tensor:
+        """Raw VAE latents (e.g. ComfyUI's LATENT) → the scaled latents `encode_images` returns."""
+        config = self.pipe.vae.config
+        shift = getattr(config, "shift_factor", None)
+        latents = samples.detach().float().clone()
+        if shift is not None:
+            latents = latents - shift
+        return latents * config.scaling_factor
+
     def _tokens(self, which: int, prompts: Sequence[str]) -> Tensor:
         tokenizer = self.pipe.tokenizer if which == 1 else self.pipe.tokenizer_2
         missing = [p for p in dict.fromkeys(prompts) if (which, p) not in self._ids]

@@ -67,6 +67,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ProgressCallback = Callable[[int, int, float], None]
 StopCallback = Callable[[], bool]
 ENCODE_CHUNK = 8
+LATENT_FACTOR = 8  # pixels per latent cell (SD VAEs); only used for the micro-conditioning of pre-encoded data
 
 
 @dataclass
@@ -257,14 +258,18 @@ class Trainer:
             buckets = make_buckets(c.resolution, c.bucket_step, c.resolved_min_bucket(), c.resolved_max_bucket())
         else:
             buckets = [(c.resolution, c.resolution)]
-        self.buckets = buckets
-        loaded = load_pixels(self.data.items, buckets, self.report)
+        images = [item for item in self.data.items if item.encoded is None]
+        encoded = [item for item in self.data.items if item.encoded is not None]
+        if encoded and c.train_text_encoder:
+            raise LoraValueError("text-encoder LoRA needs captions to encode, not pre-encoded conditioning",
+                                 hint="give images/latents with captions, or train the UNet only")
+        loaded = load_pixels(images, buckets, self.report)
         if self.report.skipped and c.on_bad_data == "error":
             raise LoraValueError(f"bad training data: {self.report.summary()}",
                                  hint="fix or remove these files, or use on_bad_data='skip'")
         if self.report.skipped:
             log.warning("training data: %s", self.report.summary())
-        if not loaded:
+        if not loaded and not encoded:
             raise LoraValueError("no usable training images", hint=self.report.summary())
         bucket_ids = {size: i for i, size in enumerate(buckets)}
         samples: list[_Sample] = []
@@ -285,11 +290,31 @@ class Trainer:
                     latents = self.backend.encode_images(pixels).float()  # (n, C, h, w)
                     for i, lat in zip(chunk, latents):
                         samples[i].latents = lat
+        self.cond_cache: dict[str, Conditioning] = {}
+        cond_keys = [s.caption for s in samples]
+        for item in encoded:  # ComfyUI's LATENT (+ CONDITIONING): the host's encoders already ran
+            latents = item.encoded.latents.detach().to(self.device, torch.float32, copy=True)  # (C, h, w)
+            h, w = (LATENT_FACTOR * n for n in latents.shape[-2:])  # pixel size, for SDXL's micro-conditioning
+            if (w, h) not in bucket_ids:
+                bucket_ids[(w, h)] = len(buckets)
+                buckets.append((w, h))
+            micro = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)
+            samples.append(_Sample(item, with_trigger(item.caption, c.trigger_word), bucket_ids[(w, h)], latents,
+                                   micro))
+            self.report.used.append(item.source)
+            if item.encoded.cond is None:
+                cond_keys.append(samples[-1].caption)
+            else:
+                cond_keys.append(f"\0{item.source}")  # not a caption: the host's conditioning as given
+                self.cond_cache[cond_keys[-1]] = {
+                    k: v.detach().to(self.device, copy=True) for k, v in item.encoded.cond.items()
+                }
+        self.buckets = buckets
         self.samples = samples
         self.captions = [s.caption for s in samples]
-        self.cond_cache: dict[str, Conditioning] = {}
+        self.cond_keys = cond_keys
         if not c.train_text_encoder:
-            unique = sorted(set(self.captions) | {""})
+            unique = sorted({k for k in cond_keys if k not in self.cond_cache} | ({""} if c.caption_dropout else set()))
             with torch.no_grad(), self._autocast():
                 for start in range(0, len(unique), ENCODE_CHUNK):
                     chunk = unique[start : start + ENCODE_CHUNK]
@@ -346,7 +371,7 @@ class Trainer:
         idx = batch[mine]
         latents = torch.stack([self.samples[i].latents for i in idx])  # (b, C, h, w)
         noise, timesteps = noise[mine].to(self.device), timesteps[mine].to(self.device)
-        captions = ["" if d else self.captions[i] for i, d in zip(idx, dropped[mine].tolist())]
+        captions = ["" if d else self.cond_keys[i] for i, d in zip(idx, dropped[mine].tolist())]
         micro = torch.stack([self.samples[i].micro for i in idx]).to(self.device)  # (b, 6)
         return self._loss(latents, noise, timesteps, captions, micro, weighted=True)
 
@@ -383,7 +408,7 @@ class Trainer:
             s = self.samples[i]
             k = len(ts)
             latents = s.latents.expand(k, *s.latents.shape)
-            loss = self._loss(latents, noise.to(self.device), ts.to(self.device), [s.caption] * k,
+            loss = self._loss(latents, noise.to(self.device), ts.to(self.device), [self.cond_keys[i]] * k,
                               s.micro.expand(k, 6).to(self.device), weighted=False)
             total += float(loss) * k
             count += k

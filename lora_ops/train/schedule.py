@@ -5,7 +5,8 @@ constant / half-cosine / linear decay to 0), as multipliers for ``torch.optim.lr
 
 The host describes its diffusion process with a `NoiseSchedule`: a DDPM-style ᾱ table with an ε or v prediction
 target, or rectified flow ("flow"; x_t = (1-σ)·x₀ + σ·ε, target ε - x₀). Flow matching is an extension point: the math
-is here and unit-tested, but no backend in this package produces it yet (SD3/Flux backends would).
+comes from the host: ComfyUI's discrete-flow model sampling (SD3-style models, or any model patched by its
+``ModelSamplingSD3`` node) is read into this schedule, with its time shift.
 """
 
 from __future__ import annotations
@@ -56,12 +57,15 @@ class NoiseSchedule:
     """How the host's model was trained to denoise.
 
     ``alphas_cumprod``: ᾱ_t for t = 0 … T-1 (DDPM family); None for "flow". ``prediction_type``: "epsilon",
-    "v_prediction" or "flow". Model timesteps are integers 0 … T-1 (DDPM) or σ·T (flow).
+    "v_prediction" or "flow". Model timesteps are integers 0 … T-1 (DDPM) or σ·T (flow). ``flow_shift``: the
+    time shift s of SD3-style flow models, σ = s·u / (1 + (s-1)·u) for u uniform in (0, 1) (1 = no shift), so
+    training sees the noise levels the model samples at.
     """
 
     prediction_type: str
     num_train_timesteps: int
     alphas_cumprod: Tensor | None = None
+    flow_shift: float = 1.0
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -69,10 +73,16 @@ class NoiseSchedule:
                 f"prediction type '{self.prediction_type}' is not supported",
                 hint=f"supported: {', '.join(PREDICTION_TYPES)}",
             )
+        if not self.flow_shift > 0:
+            raise LoraValueError(f"flow_shift must be positive, got {self.flow_shift}")
         if self.prediction_type != "flow":
             ac = self.alphas_cumprod
             if ac is None or ac.ndim != 1 or len(ac) != self.num_train_timesteps:
                 raise LoraValueError("a DDPM noise schedule needs alphas_cumprod of length num_train_timesteps")
+
+    def _shifted(self, u: Tensor) -> Tensor:
+        s = self.flow_shift
+        return u if s == 1.0 else s * u / (1 + (s - 1) * u)
 
     def _alpha_bar(self, timesteps: Tensor, like: Tensor) -> Tensor:
         ac = self.alphas_cumprod.to(device=like.device, dtype=torch.float32)[timesteps.long()]
@@ -81,7 +91,7 @@ class NoiseSchedule:
     def sample_timesteps(self, batch: int, generator: torch.Generator) -> Tensor:
         """Uniform training timesteps (B,), drawn on the CPU from ``generator``."""
         if self.prediction_type == "flow":
-            return torch.rand(batch, generator=generator) * self.num_train_timesteps
+            return self._shifted(torch.rand(batch, generator=generator)) * self.num_train_timesteps
         return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)
 
     def noisy_and_target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,5 +119,5 @@ class NoiseSchedule:
         """``count`` timesteps spread evenly over the schedule (centres of equal bins), for a fixed evaluation."""
         centres = (torch.arange(count, dtype=torch.float64) + 0.5) * self.num_train_timesteps / count
         if self.prediction_type == "flow":
-            return centres.float()
+            return (self._shifted(centres / self.num_train_timesteps) * self.num_train_timesteps).float()
         return centres.floor().long().clamp(0, self.num_train_timesteps - 1)

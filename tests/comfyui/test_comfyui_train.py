@@ -1,0 +1,173 @@
+"""Train LoRA (LoRA Ops) inside real ComfyUI (in-process, CPU) on the tiny SD 1.5-layout MODEL from LATENT +
+CONDITIONING, run the way ComfyUI runs nodes (under ``torch.inference_mode()``, with its progress-bar hook).
+
+Checked against ComfyUI 0.3.64. What is asserted:
+- the noise schedule read from ComfyUI's ``model_sampling`` (ε, v via its ModelSamplingDiscrete node, flow via
+  ModelSamplingSD3) is ComfyUI's own math: for a prediction equal to our regression target, ComfyUI's
+  ``calculate_denoised`` gives back x₀, and our x_t equals its ``calculate_input(σ, noise_scaling(σ, ε, x₀))``;
+- a run advances the UI progress bar step by step, lowers the fixed-batch evaluation loss, leaves the input MODEL's
+  output unchanged, and its LORA applies with 100% coverage; the returned MODEL has it applied;
+- an interrupt raised during step k stops the run after step k with a checkpoint; resuming gives the
+  bit-identical LoRA of an uninterrupted run.
+"""
+
+import importlib
+import json
+
+import pytest
+import torch
+from helpers import import_pack
+
+pack = import_pack()
+ours = pack.nodes
+train_node = importlib.import_module(f"{pack.__name__}.nodes.train_node")
+comfy_train = importlib.import_module(f"{pack.__name__}.nodes.comfy_train")
+comfy_env = importlib.import_module(f"{pack.__name__}.nodes.comfy_env")
+comfy_host = importlib.import_module(f"{pack.__name__}.nodes.comfy_host")
+LoraValueError = pack.lora_ops.errors.LoraValueError
+
+SETTINGS = dict(rank=4, alpha=0.0, learning_rate=1e-2, batch_size=2, seed=3, targets="attention",
+                lr_scheduler="constant", warmup_steps=0)
+
+
+@pytest.fixture
+def output(comfy, tmp_path, monkeypatch):
+    monkeypatch.setattr(comfy.folder_paths, "output_directory", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def graph_inputs(comfy, build):
+    """MODEL, LATENT and CONDITIONING made the way a graph makes them: under inference mode."""
+    with torch.inference_mode():
+        model = build.model()
+        clip = build.clip()
+        positive = comfy.nodes.CLIPTextEncode().encode(clip, "sks, a red square")[0]
+        gen = torch.Generator().manual_seed(0)
+        samples = torch.zeros(4, 4, 8, 8)
+        samples[:, :, 2:6, 2:6] = 3.0  # a distinctive pattern to learn
+        samples += 0.1 * torch.randn(samples.shape, generator=gen)
+    return model, {"samples": samples}, positive
+
+
+def predict_base(model, x, t, context):
+    with torch.no_grad():
+        return model.model.diffusion_model(x, t, context=context, transformer_options={})
+
+
+@pytest.fixture
+def progress_hook(comfy):
+    calls = []
+    utils = comfy.comfy.utils
+    saved = utils.PROGRESS_BAR_HOOK
+    utils.set_progress_bar_global_hook(lambda value, total, preview=None, *a, **k: calls.append((value, total)))
+    yield calls
+    utils.set_progress_bar_global_hook(saved)
+
+
+def run_train(graph_inputs, steps, **extra):
+    model, latents, positive = graph_inputs
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        return train_node.LoraOpsTrain().train(model, steps, **SETTINGS, run_name=extra.pop("run_name", "t"),
+                                               resume=extra.pop("resume", False), latents=latents,
+                                               positive=positive, unique_id="7", **extra)
+
+
+@pytest.mark.parametrize("sampling", ["eps", "v_prediction", "flow"])
+def test_schedule_is_comfyuis_math(comfy, build, sampling):
+    adv = importlib.import_module("comfy_extras.nodes_model_advanced")
+    model = build.model()
+    if sampling == "v_prediction":
+        model = adv.ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+    elif sampling == "flow":
+        model = adv.ModelSamplingSD3().patch(model, 3.0)[0]
+    ms = model.get_model_object("model_sampling")
+    schedule = comfy_train.noise_schedule_of(ms)
+    assert schedule.prediction_type == {"eps": "epsilon"}.get(sampling, sampling)
+    gen = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(6, 4, 8, 8, generator=gen), torch.randn(6, 4, 8, 8, generator=gen)
+    t = schedule.sample_timesteps(6, gen)
+    noisy, target = schedule.noisy_and_target(x0, eps, t)
+    if sampling == "flow":
+        sigma = t / ms.multiplier  # the model timestep is σ·multiplier (ComfyUI's ``timestep``)
+        # σ is drawn with ComfyUI's time shift: at evenly spaced u, our evaluation σ equal its ``sigma(u·mult)``
+        u = (torch.arange(4) + 0.5) / 4
+        assert torch.allclose(schedule.eval_timesteps(4) / ms.multiplier, ms.sigma(u * ms.multiplier), atol=1e-6)
+    else:
+        sigma = ms.sigmas[t.long()]  # ComfyUI's σ for our integer timestep
+    x = ms.noise_scaling(sigma.reshape(-1, 1, 1, 1), eps, x0)
+    assert torch.allclose(ms.calculate_input(sigma.reshape(-1, 1, 1, 1), x), noisy, atol=1e-5)
+    denoised = ms.calculate_denoised(sigma, target, x)
+    assert torch.allclose(denoised, x0, atol=1e-4), (denoised - x0).abs().max()
+
+
+def test_unsupported_sampling_is_refused(comfy, build):
+    adv = importlib.import_module("comfy_extras.nodes_model_advanced")
+    model = adv.ModelSamplingDiscrete().patch(build.model(), "x0", False)[0]
+    with pytest.raises(LoraValueError, match="not plain"):
+        comfy_train.noise_schedule_of(model.get_model_object("model_sampling"))
+
+
+def test_train_in_graph_learns_and_applies(comfy, graph_inputs, output, progress_hook):
+    model, latents, positive = graph_inputs
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    t, ctx = torch.tensor([500.0]), positive[0][0]
+    before = predict_base(model, x, t, ctx)
+    lora, new_model, plot, report = run_train(graph_inputs, 30)
+    assert [v for v, _ in progress_hook] == list(range(1, 31)) and {n for _, n in progress_hook} == {30}
+    # every attention projection of the tiny UNet got a layer, and it applies fully
+    cov = comfy_host.apply_loras(model, None, [(lora, 1.0, 1.0)])[2]
+    assert len(lora.layers) == len(cov.matched) and not cov.unmatched and len(lora.layers) > 0
+    assert all(k.endswith(("to_q", "to_k", "to_v", "to_out.0")) for k in lora.layers)
+    # the input MODEL is untouched; the output MODEL is patched (same as applying the LoRA ourselves)
+    assert torch.equal(predict_base(model, x, t, ctx), before)
+    assert len(new_model.patches) == len(lora.layers) and not model.patches
+    # it learned: fixed-batch evaluation loss dropped; files and metadata are there
+    run = output / "loras" / "t_00001"
+    history = json.loads((run / "t.loss.json").read_text())
+    assert history["status"] == "completed" and history["step"] == 30
+    assert history["eval_loss"][-1] < 0.9 * history["eval_loss"][0], history["eval_loss"]
+    saved = pack.lora_ops.files.load_lora(run / "t.safetensors")
+    assert saved.metadata["ss_network_dim"] == "4" and saved.metadata["ss_max_train_steps"] == "30"
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3 and "30/30 steps" in report
+
+
+def test_interrupt_stops_within_one_step_and_resume_is_exact(comfy, graph_inputs, output, progress_hook):
+    full = run_train(graph_inputs, 8, run_name="full")[0]
+    mm = comfy.comfy.model_management
+    utils = comfy.comfy.utils
+
+    def hook(value, total, preview=None, *a, **k):
+        if value == 3:
+            mm.interrupt_current_processing(True)  # the user presses Cancel during step 3's report
+
+    utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_train(graph_inputs, 8, run_name="cut")
+    finally:
+        mm.interrupt_current_processing(False)
+    checkpoints = sorted(p.name for p in (output / "loras" / "cut_00001" / "cut-checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-000003"]
+    utils.set_progress_bar_global_hook(lambda *a, **k: None)
+    resumed = run_train(graph_inputs, 8, run_name="cut", resume=True)[0]
+    assert set(resumed.layers) == set(full.layers)
+    for key in full.layers:
+        assert torch.equal(resumed.layers[key].down, full.layers[key].down), key
+        assert torch.equal(resumed.layers[key].up, full.layers[key].up), key
+
+
+def test_bad_inputs_are_named(comfy, graph_inputs, output):
+    model, latents, positive = graph_inputs
+    node = train_node.LoraOpsTrain()
+    with pytest.raises(LoraValueError, match="exactly one"):
+        node.train(model, 2, **SETTINGS, run_name="x", resume=False, positive=positive)
+    with pytest.raises(LoraValueError, match="need their conditioning"):
+        node.train(model, 2, **SETTINGS, run_name="x", resume=False, latents=latents)
+    with pytest.raises(LoraValueError, match="CLIP"):
+        node.train(model, 2, **SETTINGS, run_name="x", resume=False, latents=latents, positive=positive,
+                   caption_dropout=0.5)
+    with pytest.raises(LoraValueError, match="no earlier run"):
+        node.train(model, 2, **SETTINGS, run_name="never", resume=True, latents=latents, positive=positive)
+    assert "plain name" in train_node.LoraOpsTrain.VALIDATE_INPUTS(run_name="../../x")
+    assert not (output / "loras").exists() or not any((output / "loras").rglob("*.safetensors"))
