@@ -93,7 +93,30 @@ def test_save_writes_inside_output_only(folders):
 def test_inspect_node_shows_text(folders):
     lora, _ = nodes.LoraOpsLoad().load("b.safetensors")
     out = nodes.LoraOpsInspect().inspect(lora)
-    assert "format: diffusers" in out["result"][0] and out["ui"]["text"] == list(out["result"])
+    assert "format: diffusers" in out["result"][0] and out["ui"]["text"] == [out["result"][0]]
+    image = out["result"][1]
+    assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3 and 0 <= image.min() < image.max() <= 1
+
+
+def test_layer_norms_come_from_the_factors():
+    """The Inspect plot's ‖ΔW‖_F (no ΔW formed) equals the dense norm, for linear, conv and Tucker layers."""
+    import torch
+
+    from lora_ops.lora import LoRALayer
+    from lora_ops.plots_inspect import delta_norm, layers_plot
+
+    gen = torch.Generator().manual_seed(0)
+    layers = [
+        LoRALayer(down=torch.randn(4, 12, generator=gen), up=torch.randn(10, 4, generator=gen), alpha=2.0),
+        LoRALayer(down=torch.randn(3, 6, 3, 3, generator=gen), up=torch.randn(8, 3, 1, 1, generator=gen), alpha=3.0),
+        LoRALayer(down=torch.randn(3, 6, 1, 1, generator=gen), up=torch.randn(8, 3, 1, 1, generator=gen),
+                  mid=torch.randn(3, 3, 3, 3, generator=gen), alpha=1.0),
+    ]
+    for layer in layers:
+        dense = torch.linalg.matrix_norm(layer.delta(torch.float64).flatten(1))
+        assert abs(delta_norm(layer) - float(dense)) <= 1e-9 * float(dense)
+    lora = sample_lora("sd1", attention_only=True)
+    assert layers_plot(lora).size[0] > 500
 
 
 def test_info_route_reads_only_listed_files(folders):

@@ -171,3 +171,15 @@ def test_bad_inputs_are_named(comfy, graph_inputs, output):
         node.train(model, 2, **SETTINGS, run_name="never", resume=True, latents=latents, positive=positive)
     assert "plain name" in train_node.LoraOpsTrain.VALIDATE_INPUTS(run_name="../../x")
     assert not (output / "loras").exists() or not any((output / "loras").rglob("*.safetensors"))
+
+
+def test_train_on_a_flow_matching_model(comfy, graph_inputs, output):
+    """The same tiny UNet switched to rectified flow by ComfyUI's ModelSamplingSD3 node trains on the flow target."""
+    adv = importlib.import_module("comfy_extras.nodes_model_advanced")
+    model, latents, positive = graph_inputs
+    with torch.inference_mode():
+        flow = adv.ModelSamplingSD3().patch(model, 3.0)[0]
+    lora = run_train((flow, latents, positive), 3, run_name="flow")[0]
+    history = json.loads((output / "loras" / "flow_00001" / "flow.loss.json").read_text())
+    assert history["step"] == 3 and all(torch.isfinite(torch.tensor(history["loss"])))
+    assert lora.metadata["modelspec.prediction_type"] == "flow"
