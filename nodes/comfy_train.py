@@ -16,8 +16,9 @@ What ComfyUI supplies, and how it is read:
 - images and captions: VAE ``encode`` + ``process_latent_in``; CLIP ``tokenize`` + ``encode_from_tokens``. LATENT and
   CONDITIONING from the graph skip them (``process_latents`` scales a LATENT like ``process_latent_in``).
 
-Models conditioned by more than cross-attention context (SDXL's ``y``, Flux's guidance, …) are refused for now:
-the families trained here are those whose ``BaseModel`` class adds no extra conditioning (SD 1.x, SD 2.x).
+Families: SD 1.x / 2.x (``BaseModel``: cross-attention context only) and SDXL (``SDXL``: also the vector ``y`` that
+ComfyUI's own ``encode_adm`` builds from the pooled text embedding and the six size/crop numbers, per sample).
+Other model classes (Flux, SD3, video models, …) are refused with their name rather than trained wrongly.
 
 ComfyUI runs every node under ``torch.inference_mode()``; tensors created there (a checkpoint's weights, LATENT,
 CONDITIONING) cannot take part in autograd. `make_trainable` swaps such parameters and buffers of the denoiser
@@ -42,8 +43,9 @@ from . import comfy_host
 log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
-# ComfyUI BaseModel classes whose denoiser takes only (x, t, context): nothing else to encode.
+# ComfyUI model classes we can condition: (x, t, context) only, or SDXL's (x, t, context, y).
 CONTEXT_ONLY_MODELS = ("BaseModel",)
+SDXL_MODELS = ("SDXL",)
 
 
 def make_trainable(module: nn.Module) -> int:
@@ -103,10 +105,10 @@ class ComfyBackend:
         self.patcher = model
         self.base = model.model
         kind = type(self.base).__name__
-        if kind not in CONTEXT_ONLY_MODELS:
+        if kind not in CONTEXT_ONLY_MODELS + SDXL_MODELS:
             raise LoraValueError(f"training on {kind} models is not supported yet",
-                                 hint="LoRA Ops trains SD 1.x / SD 2.x MODELs in ComfyUI; use `lora-ops train` "
-                                      "with a diffusers folder for SDXL")
+                                 hint="LoRA Ops trains SD 1.x / 2.x and SDXL MODELs in ComfyUI")
+        self.sdxl = kind in SDXL_MODELS
         self.clip = clip
         self.vae = vae
         self.family = comfy_host.model_family(model) or "sd1"
@@ -170,12 +172,42 @@ class ComfyBackend:
                                  hint="connect the CLIP input (also needed for caption dropout)")
         rows = []
         for text in prompts:
-            cond = self.clip.encode_from_tokens(self.clip.tokenize(text))  # (1, 77·k, D)
-            rows.append(normal_tensor(cond)[0])
-        if len({r.shape for r in rows}) > 1:
+            cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+            rows.append(self.conditioning([[cond, {"pooled_output": pooled}]])[0])  # context (77·k, D)
+        if len({r["context"].shape for r in rows}) > 1:
             raise LoraValueError("captions encode to different lengths (over 77 tokens)",
                                  hint="shorten the longest captions, or use batch size 1")
-        return {"context": torch.stack(rows).to(self.device)}
+        return {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
+
+    def conditioning(self, conditioning: Sequence[Any]) -> list[dict[str, Tensor]]:
+        """ComfyUI CONDITIONING ``[[context (b, n, D), {"pooled_output": (b, P), …}], …]`` → one dict per sample:
+        ``context`` (n, D), and for SDXL ``pooled`` (P,)."""
+        out = []
+        for i, entry in enumerate(conditioning):
+            if not (isinstance(entry, list | tuple) and entry and isinstance(entry[0], Tensor) and entry[0].ndim == 3):
+                raise LoraValueError(f"CONDITIONING entry {i} is not a [tensor (batch, tokens, dim), options] pair")
+            extra = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+            ignored = sorted(k for k in extra if k != "pooled_output")
+            if ignored:
+                log.warning("CONDITIONING entry %d: options %s are not used in training", i, ", ".join(ignored))
+            pooled = extra.get("pooled_output")
+            if self.sdxl and not (isinstance(pooled, Tensor) and pooled.ndim == 2 and len(pooled) == len(entry[0])):
+                raise LoraValueError(f"CONDITIONING entry {i} has no pooled_output, which SDXL needs",
+                                     hint="encode the prompt with an SDXL CLIP (CLIPTextEncode)")
+            for j, context in enumerate(entry[0]):
+                row = {"context": normal_tensor(context)}
+                if self.sdxl:
+                    row["pooled"] = normal_tensor(pooled[j])
+                out.append(row)
+        return out
+
+    def _adm(self, pooled: Tensor, micro: Tensor) -> Tensor:
+        """SDXL's ``y`` (B, adm) from ComfyUI's own ``encode_adm``, one sample at a time (sizes may differ)."""
+        rows = []
+        for p, (oh, ow, top, left, th, tw) in zip(pooled, micro.tolist()):
+            rows.append(self.base.encode_adm(pooled_output=p[None].float().cpu(), width=ow, height=oh, crop_w=left,
+                                             crop_h=top, target_width=tw, target_height=th))
+        return torch.cat(rows)
 
     def predict(self, denoiser: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Conditioning, micro: Tensor
                 ) -> Tensor:
@@ -183,7 +215,8 @@ class ComfyBackend:
         if self.base.manual_cast_dtype is not None:
             dtype = self.base.manual_cast_dtype
         context = cond["context"].to(self.device, dtype)
-        return denoiser(noisy.to(dtype), timesteps.float(), context=context, transformer_options={})
+        extra = {"y": self._adm(cond["pooled"], micro).to(self.device, dtype)} if self.sdxl else {}
+        return denoiser(noisy.to(dtype), timesteps.float(), context=context, transformer_options={}, **extra)
 
     def describe(self) -> Mapping[str, str]:
         config = getattr(self.base, "model_config", None)
@@ -191,16 +224,3 @@ class ComfyBackend:
         out["ss_base_model_version"] = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}.get(self.family, self.family)
         return out
 
-
-def conditioning_dicts(conditioning: Sequence[Any]) -> list[dict[str, Tensor]]:
-    """ComfyUI CONDITIONING ``[[tensor (b, n, D), {...}], …]`` → one ``{"context": (n, D)}`` per sample."""
-    out = []
-    for i, entry in enumerate(conditioning):
-        if not (isinstance(entry, list | tuple) and entry and isinstance(entry[0], Tensor) and entry[0].ndim == 3):
-            raise LoraValueError(f"CONDITIONING entry {i} is not a [tensor (batch, tokens, dim), options] pair")
-        extra = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-        ignored = sorted(k for k in extra if k not in ("pooled_output",))
-        if ignored:
-            log.warning("CONDITIONING entry %d: options %s are not used in training", i, ", ".join(ignored))
-        out.extend({"context": normal_tensor(row)} for row in entry[0])
-    return out

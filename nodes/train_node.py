@@ -26,7 +26,7 @@ from ..lora_ops.io import safe_join
 from ..lora_ops.train import Dataset, TrainConfig, Trainer
 from . import comfy_env, comfy_host
 from .apply import apply_items
-from .comfy_train import ComfyBackend, conditioning_dicts
+from .comfy_train import ComfyBackend
 from .diffusers_model import DiffusersModel
 from .images import to_image_tensor
 from .types import CATEGORY, LORA
@@ -201,7 +201,7 @@ class LoraOpsTrain:
         if positive is not None and not isinstance(backend, ComfyBackend):
             raise LoraValueError("CONDITIONING comes from ComfyUI's CLIP; a diffusers MODEL encodes captions itself",
                                  hint="give captions instead")
-        conds = conditioning_dicts(positive) if positive is not None else None
+        conds = backend.conditioning(positive) if positive is not None else None
         if images is not None:
             if conds is not None:
                 raise LoraValueError("IMAGE inputs are captioned by text, not CONDITIONING", hint="give captions")
