@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..lora_ops.errors import LoraValueError
@@ -62,6 +63,16 @@ def make_trainable(module: nn.Module) -> int:
                     sub.register_buffer(name, buf.clone(), persistent=name not in sub._non_persistent_buffers_set)
                     swapped += 1
     return swapped
+
+
+def _checkpointed(forward):
+    def run(args, kwargs):
+        return forward(*args, **kwargs)
+
+    def checkpointed(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(run, args, kwargs, use_reentrant=False)
+
+    return checkpointed
 
 
 def normal_tensor(t: Tensor) -> Tensor:
@@ -148,9 +159,20 @@ class ComfyBackend:
             raise LoraValueError(f"the MODEL is on {self.device}; ComfyUI decides where it lives",
                                  hint="train with device='model'")
 
+    def _blocks(self) -> list[nn.Module]:
+        """The UNet's residual / transformer blocks: what gradient checkpointing recomputes one at a time."""
+        unet = self.denoiser()
+        return [child for block in (*unet.input_blocks, unet.middle_block, *unet.output_blocks)
+                for child in block.children()]
+
     def set_gradient_checkpointing(self, enabled: bool, *, text_encoders: bool = False) -> None:
-        if enabled:
-            raise LoraValueError("gradient checkpointing is not available for ComfyUI MODELs yet")
+        """Recompute each UNet block's activations in the backward pass instead of keeping them (as ComfyUI's own
+        trainer does): an instance-level ``forward`` wrapper, removed again when disabled."""
+        for block in self._blocks():
+            if enabled and "forward" not in vars(block):
+                block.forward = _checkpointed(block.forward)
+            elif not enabled and "forward" in vars(block):
+                del block.forward
 
     # ----------------------------------------------------------------------------------------------- math
     def noise_schedule(self) -> NoiseSchedule:

@@ -122,6 +122,9 @@ class LoraOpsTrain:
                 "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                               "tooltip": "Chance of training a sample with the empty caption "
                                                          "(needs the CLIP)."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": False,
+                                                       "tooltip": "Recompute activations in the backward pass: "
+                                                                  "much less memory, about a third slower."}),
                 "rslora": ("BOOLEAN", {"default": False, "tooltip": "Rank-stabilised scale alpha/√r."}),
                 "training_dtype": (["float32", "bfloat16", "float16"],
                                    {"default": "float32", "tooltip": "Autocast dtype of the frozen model's forward; "
@@ -141,8 +144,8 @@ class LoraOpsTrain:
     def train(self, model, steps, rank, alpha, learning_rate, batch_size, seed, targets, lr_scheduler, warmup_steps,
               run_name, resume, latents=None, positive=None, images=None, captions="", vae=None, clip=None,
               trigger_word="", gradient_accumulation=1, resolution=512, max_grad_norm=1.0, min_snr_gamma=0.0,
-              noise_offset=0.0, caption_dropout=0.0, rslora=False, training_dtype="float32", save_every_steps=0,
-              unique_id=None):
+              noise_offset=0.0, caption_dropout=0.0, gradient_checkpointing=False, rslora=False,
+              training_dtype="float32", save_every_steps=0, unique_id=None):
         ok = self.VALIDATE_INPUTS(run_name=run_name)
         if ok is not True:
             raise LoraValueError(ok)
@@ -162,6 +165,7 @@ class LoraOpsTrain:
             max_grad_norm=float(max_grad_norm) or None, min_snr_gamma=float(min_snr_gamma) or None,
             noise_offset=float(noise_offset), caption_dropout=float(caption_dropout), resolution=int(resolution),
             trigger_word=trigger_word.strip(), seed=int(seed), dtype=training_dtype, device="model",
+            gradient_checkpointing=bool(gradient_checkpointing),
             save_every_steps=int(save_every_steps), output_dir=str(folder), output_name=run_name, overwrite=True,
         )
         with torch.inference_mode(False), torch.enable_grad(), self._backend(model, clip, vae) as backend:

@@ -268,3 +268,16 @@ def test_train_sdxl_from_conditioning(comfy, sdxl_model, output):
     assert len(cov.matched) == len(lora.layers) > 0 and not cov.unmatched
     with pytest.raises(LoraValueError, match="pooled_output"):
         run_train((sdxl_model, {"samples": samples}, [[torch.zeros(1, 77, 64), {}]]), 1, run_name="xl")
+
+
+def test_gradient_checkpointing_gives_the_same_lora(comfy, graph_inputs, output, monkeypatch):
+    plain = run_train(graph_inputs, 3, run_name="plain")[0]
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    checkpointed = run_train(graph_inputs, 3, run_name="ckpt", gradient_checkpointing=True)[0]
+    assert len(calls) >= 3 * len(comfy_train.ComfyBackend(graph_inputs[0])._blocks())  # every block, every step
+    for key, layer in plain.layers.items():
+        assert torch.allclose(checkpointed.layers[key].up, layer.up, rtol=0, atol=1e-7), key
+    backend = comfy_train.ComfyBackend(graph_inputs[0])
+    assert backend._blocks() and not any("forward" in vars(b) for b in backend._blocks())  # unwrapped again
