@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="lora-ops", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (default: torch's choice; 1 is often fastest for small models on "
+                             "shared cores)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="show what a LoRA file holds (format, family, ranks, metadata, NaN/Inf)")
@@ -253,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            sys.stderr.write(f"lora-ops: error: --threads must be at least 1, got {args.threads}\n")
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except LoraOpsError as err:

@@ -70,3 +70,15 @@ def test_console_script_entry_point(tmp_path):
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["format"] == "diffusers"
+
+
+def test_threads_option_sets_torch_threads(tmp_path, capsys):
+    path = save_lora(sample_lora("sd1", attention_only=True), tmp_path / "x.safetensors", "kohya")
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "3", "inspect", str(path)]) == 0
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert main(["--threads", "0", "inspect", str(path)]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
