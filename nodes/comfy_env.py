@@ -12,15 +12,18 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-_standalone: dict[str, list[Path]] = {"loras": [], "output": []}
+_standalone: dict[str, list[Path]] = {"loras": [], "output": [], "input": []}
 
 
-def configure(*, loras: list[str | Path] | None = None, output: str | Path | None = None) -> None:
+def configure(*, loras: list[str | Path] | None = None, output: str | Path | None = None,
+              input: str | Path | None = None) -> None:
     """Set the folders used when ComfyUI is not present (tests, standalone use)."""
     if loras is not None:
         _standalone["loras"] = [Path(p) for p in loras]
     if output is not None:
         _standalone["output"] = [Path(output)]
+    if input is not None:
+        _standalone["input"] = [Path(input)]
 
 
 def _comfy(name: str) -> ModuleType | None:
@@ -67,6 +70,16 @@ def output_dir() -> Path:
     if not _standalone["output"]:
         raise RuntimeError("no output folder configured (call nodes.comfy_env.configure(output=...))")
     return _standalone["output"][0]
+
+
+def input_dir() -> Path:
+    """ComfyUI's input folder (training data folders are looked up inside it, never outside)."""
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        return Path(fp.get_input_directory())
+    if not _standalone["input"]:
+        raise RuntimeError("no input folder configured (call nodes.comfy_env.configure(input=...))")
+    return _standalone["input"][0]
 
 
 class Progress:

@@ -1,14 +1,18 @@
 """LoraOpsTrain: MODEL + training data (+ settings) → LORA, MODEL with it applied, loss plot, report.
 
-Data comes from the graph: LATENT (+ CONDITIONING, or captions and a CLIP), or IMAGE + captions (+ the VAE on
-ComfyUI). The loop is `lora_ops.train` with the ComfyUI backend (`comfy_train`) or, for a diffusers pipeline
-value, the diffusers backend. Every run writes into its own folder ``output/loras/<run_name>_NNNNN/`` — the LoRA
-file ``<run_name>.safetensors`` (kohya format, kohya-style metadata), ``<run_name>.loss.json`` / ``.loss.png`` and
-resumable checkpoints in ``<run_name>-checkpoints/`` — so a run never
-overwrites another; ``resume`` continues the newest run folder of that name from its newest checkpoint (same
-settings required). Progress: ComfyUI's progress bar, plus a ``loraops.train.progress`` message after every step
-(step, total, loss, lr) that web/loraops_train.js draws as a live loss curve. Cancel stops before the next
-micro-batch, writes a checkpoint, and reports the run as interrupted.
+Data, exactly one of: LATENT (+ CONDITIONING, or captions and a CLIP); IMAGE + captions or + CONDITIONING (ComfyUI's
+"Load Image and Text Dataset from Folder" gives both; the VAE encodes the images on ComfyUI); or ``data_folder``, a
+kohya-layout folder inside ComfyUI's input folder (``N_name`` repeat folders, same-name ``.txt`` captions,
+aspect-ratio buckets, unreadable files reported and skipped).
+
+The loop is `lora_ops.train` with the ComfyUI backend (`comfy_train`) or, for a diffusers pipeline value, the
+diffusers backend. Every run writes into its own folder ``output/loras/<run_name>_NNNNN/`` — the LoRA file
+``<run_name>.safetensors`` (kohya format, kohya-style metadata), ``<run_name>.loss.json`` / ``.loss.png`` and
+resumable checkpoints in ``<run_name>-checkpoints/`` — so a run never overwrites another; ``resume`` continues the
+newest run folder of that name from its newest checkpoint (same settings required). Progress: ComfyUI's progress
+bar, plus a ``loraops.train.progress`` message after every step (step, total, loss, lr) that web/loraops_train.js
+draws as a live loss curve. Cancel stops before the next micro-batch, writes a checkpoint, and reports the run as
+interrupted.
 """
 
 from __future__ import annotations
@@ -50,6 +54,18 @@ def captions_from_text(text: str) -> list[str] | str:
     """One caption per non-empty line; a single line is used for every sample."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines if len(lines) > 1 else (lines[0] if lines else "")
+
+
+def _encode_image_batch(backend: Any, images: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """IMAGE (B, H, W, 3) in [0, 1] → scaled latents (B, C, h, w), a few images at a time."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4):
+        raise LoraValueError("images must be an IMAGE batch (B, H, W, 3)")
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), chunk):
+            pixels = images[start : start + chunk, ..., :3].permute(0, 3, 1, 2).float() * 2 - 1  # (n, 3, H, W)
+            out.append(backend.encode_images(pixels.to(backend.device)).float())
+    return torch.cat(out)
 
 
 class LoraOpsTrain:
@@ -101,8 +117,12 @@ class LoraOpsTrain:
             },
             "optional": {
                 "latents": ("LATENT", {"tooltip": "Training images already encoded (VAE Encode)."}),
-                "positive": ("CONDITIONING", {"tooltip": "Their conditioning: one for all, or one per latent."}),
-                "images": ("IMAGE", {"tooltip": "Training images (instead of latents); needs the VAE on ComfyUI."}),
+                "data_folder": ("STRING", {"default": "",
+                                           "tooltip": "Or: a folder inside ComfyUI's input folder, kohya layout "
+                                                      "(image.png + image.txt, N_name repeat folders)."}),
+                "positive": ("CONDITIONING", {"tooltip": "Conditioning of the latents/images: one for all, or one "
+                                                         "each (instead of captions)."}),
+                "images": ("IMAGE", {"tooltip": "Or: training images; needs the VAE on ComfyUI."}),
                 "captions": ("STRING", {"default": "", "multiline": True,
                                         "tooltip": "One caption per line (one line = for every image); needs the "
                                                    "CLIP on ComfyUI. Used for metadata with CONDITIONING."}),
@@ -142,7 +162,8 @@ class LoraOpsTrain:
         return True
 
     def train(self, model, steps, rank, alpha, learning_rate, batch_size, seed, targets, lr_scheduler, warmup_steps,
-              run_name, resume, latents=None, positive=None, images=None, captions="", vae=None, clip=None,
+              run_name, resume, latents=None, data_folder="", positive=None, images=None, captions="", vae=None,
+              clip=None,
               trigger_word="", gradient_accumulation=1, resolution=512, max_grad_norm=1.0, min_snr_gamma=0.0,
               noise_offset=0.0, caption_dropout=0.0, gradient_checkpointing=False, rslora=False,
               training_dtype="float32", save_every_steps=0, unique_id=None):
@@ -169,7 +190,7 @@ class LoraOpsTrain:
             save_every_steps=int(save_every_steps), output_dir=str(folder), output_name=run_name, overwrite=True,
         )
         with torch.inference_mode(False), torch.enable_grad(), self._backend(model, clip, vae) as backend:
-            data = self._dataset(backend, latents, positive, images, captions)
+            data = self._dataset(backend, latents, positive, images, captions, data_folder.strip())
             checkpoint = folder / f"{run_name}-checkpoints" if resume else None
             result = self._run(config, backend, data, checkpoint, unique_id)
         if result.status != "completed":
@@ -197,22 +218,28 @@ class LoraOpsTrain:
                                  f"(got {type(model).__name__})")
 
     @staticmethod
-    def _dataset(backend: Any, latents: Any, positive: Any, images: Any, captions: str) -> Dataset:
+    def _dataset(backend: Any, latents: Any, positive: Any, images: Any, captions: str, folder: str) -> Dataset:
         caps = captions_from_text(captions or "")
-        if (latents is None) == (images is None):
-            raise LoraValueError("give the training data as either latents or images (exactly one)",
-                                 hint="connect LATENT (from VAE Encode) or IMAGE")
+        if sum(x is not None and x != "" for x in (latents, images, folder)) != 1:
+            raise LoraValueError("give the training data as exactly one of latents, images or data_folder",
+                                 hint="connect LATENT (VAE Encode) or IMAGE, or name a folder in the input folder")
         if positive is not None and not isinstance(backend, ComfyBackend):
             raise LoraValueError("CONDITIONING comes from ComfyUI's CLIP; a diffusers MODEL encodes captions itself",
                                  hint="give captions instead")
+        if folder:
+            if positive is not None:
+                raise LoraValueError("a data_folder brings its own captions", hint="disconnect positive")
+            path = safe_join(comfy_env.input_dir(), folder)  # refuses ../ and absolute paths
+            return Dataset.from_folder(path)
         conds = backend.conditioning(positive) if positive is not None else None
         if images is not None:
-            if conds is not None:
-                raise LoraValueError("IMAGE inputs are captioned by text, not CONDITIONING", hint="give captions")
-            return Dataset.from_images(images, caps)
-        if not isinstance(latents, dict) or not isinstance(latents.get("samples"), torch.Tensor):
-            raise LoraValueError("latents must be a LATENT (a dict with 'samples')")
-        scaled = backend.process_latents(latents["samples"])
+            if conds is None:
+                return Dataset.from_images(images, caps)
+            scaled = _encode_image_batch(backend, images)
+        else:
+            if not isinstance(latents, dict) or not isinstance(latents.get("samples"), torch.Tensor):
+                raise LoraValueError("latents must be a LATENT (a dict with 'samples')")
+            scaled = backend.process_latents(latents["samples"])
         if conds is None and not (caps if isinstance(caps, list) else caps.strip()):
             raise LoraValueError("latents need their conditioning: connect positive, or write captions")
         return Dataset.from_latents(scaled, caps, conds=conds)

@@ -23,9 +23,8 @@ SETTINGS = dict(rank=4, alpha=0.0, learning_rate=1e-2, batch_size=2, seed=1, tar
 
 @pytest.fixture
 def output(tmp_path):
-    comfy_env.configure(output=tmp_path)
-    yield tmp_path
-    comfy_env.configure(output=None)
+    comfy_env.configure(output=tmp_path / "output", input=tmp_path / "input")
+    yield tmp_path / "output"
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,7 @@ def test_train_node_from_latents_with_captions(model, output):
 
 def test_train_node_refuses_bad_inputs(model, output):
     node = train_node.LoraOpsTrain()
-    with pytest.raises(LoraValueError, match="exactly one"):
+    with pytest.raises(LoraValueError, match="exactly one of"):
         node.train(model, 1, **SETTINGS, run_name="x", resume=False, captions="a")
     with pytest.raises(LoraValueError, match="CONDITIONING"):
         node.train(model, 1, **SETTINGS, run_name="x", resume=False, images=red_squares(1),
@@ -89,3 +88,21 @@ def test_train_node_refuses_bad_inputs(model, output):
         with pytest.raises(LoraValueError, match="plain name"):
             node.train(model, 1, **SETTINGS, run_name=hostile, resume=False, images=red_squares(1), captions="a")
     assert not any(output.rglob("*.safetensors"))
+
+
+def test_train_node_from_a_kohya_folder_in_the_input_folder(model, output):
+    from PIL import Image
+
+    data = output.parent / "input" / "style" / "3_red"
+    data.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 48), (200, 30, 30)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a red square")
+    (data / "broken.png").write_bytes(b"not a png")
+    (data / "broken.txt").write_text("broken")
+    lora, _, _, report = train_node.LoraOpsTrain().train(model, 2, **SETTINGS, run_name="folder", resume=False,
+                                                         data_folder="style", resolution=64)
+    assert lora.metadata["ss_num_train_images"] == "6"  # 2 images × 3 repeats
+    assert "2 images used, 1 left out" in report and "broken.png" in report
+    with pytest.raises(pack.lora_ops.errors.LoraFileError, match="outside the allowed folder"):
+        train_node.LoraOpsTrain().train(model, 1, **SETTINGS, run_name="x", resume=False, data_folder="../output")

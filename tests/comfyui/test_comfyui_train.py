@@ -168,7 +168,7 @@ def test_interrupt_stops_within_one_step_and_resume_is_exact(comfy, graph_inputs
 def test_bad_inputs_are_named(comfy, graph_inputs, output):
     model, latents, positive = graph_inputs
     node = train_node.LoraOpsTrain()
-    with pytest.raises(LoraValueError, match="exactly one"):
+    with pytest.raises(LoraValueError, match="exactly one of"):
         node.train(model, 2, **SETTINGS, run_name="x", resume=False, positive=positive)
     with pytest.raises(LoraValueError, match="need their conditioning"):
         node.train(model, 2, **SETTINGS, run_name="x", resume=False, latents=latents)
@@ -281,3 +281,41 @@ def test_gradient_checkpointing_gives_the_same_lora(comfy, graph_inputs, output,
         assert torch.allclose(checkpointed.layers[key].up, layer.up, rtol=0, atol=1e-7), key
     backend = comfy_train.ComfyBackend(graph_inputs[0])
     assert backend._blocks() and not any("forward" in vars(b) for b in backend._blocks())  # unwrapped again
+
+
+class PoolingVAE:
+    """A stand-in for ComfyUI's VAE (its real SD VAE has a fixed 128-channel width, ~80 M parameters): ``encode``
+    takes an IMAGE (B, H, W, 3) in [0, 1] like ComfyUI's and returns raw 4-channel latents at 1/8 size."""
+
+    def encode(self, images):
+        pixels = images.permute(0, 3, 1, 2) * 2 - 1  # (B, 3, H, W)
+        pooled = torch.nn.functional.avg_pool2d(pixels, 8)  # (B, 3, H/8, W/8)
+        return torch.cat([pooled, pooled.mean(1, keepdim=True)], 1) * 5  # (B, 4, H/8, W/8)
+
+
+def test_train_from_images_and_conditioning(comfy, graph_inputs, output):
+    """What ComfyUI's "Load Image and Text Dataset from Folder" node gives: IMAGE + one CONDITIONING per image."""
+    model, _, positive = graph_inputs
+    images = torch.full((3, 64, 64, 3), 0.5)
+    images[:, 16:48, 16:48] = torch.tensor([0.9, 0.1, 0.1])
+    per_image = positive * 3
+    with torch.inference_mode():
+        lora = train_node.LoraOpsTrain().train(model, 2, **SETTINGS, run_name="img", resume=False, images=images,
+                                               positive=per_image, vae=PoolingVAE(), captions="a\nb\nc")[0]
+    assert lora.metadata["ss_num_train_images"] == "3"
+    with torch.inference_mode(), pytest.raises(LoraValueError, match="needs a VAE"):
+        train_node.LoraOpsTrain().train(model, 1, **SETTINGS, run_name="img", resume=False, images=images,
+                                        positive=per_image)
+
+
+def test_train_from_images_and_captions_with_comfyuis_clip(comfy, build, graph_inputs, output):
+    """Captions encoded by ComfyUI's own CLIP (tokenize + encode_from_tokens), caption dropout included."""
+    model = graph_inputs[0]
+    images = torch.full((2, 64, 64, 3), 0.5)
+    with torch.inference_mode():
+        clip = build.clip()
+        lora = train_node.LoraOpsTrain().train(model, 2, **SETTINGS, run_name="cap", resume=False, images=images,
+                                               captions="a red square\na blue square", vae=PoolingVAE(), clip=clip,
+                                               caption_dropout=0.5, trigger_word="sks", resolution=64)[0]
+    assert json.loads(lora.metadata["ss_tag_frequency"]) == {"1_images": {"sks": 2, "a red square": 1,
+                                                                          "a blue square": 1}}
