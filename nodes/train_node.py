@@ -189,7 +189,8 @@ class LoraOpsTrain:
             gradient_checkpointing=bool(gradient_checkpointing),
             save_every_steps=int(save_every_steps), output_dir=str(folder), output_name=run_name, overwrite=True,
         )
-        with torch.inference_mode(False), torch.enable_grad(), self._backend(model, clip, vae) as backend:
+        host = self._backend(model, clip, vae, training_dtype)
+        with torch.inference_mode(False), torch.enable_grad(), host as backend:
             data = self._dataset(backend, latents, positive, images, captions, data_folder.strip())
             checkpoint = folder / f"{run_name}-checkpoints" if resume else None
             result = self._run(config, backend, data, checkpoint, unique_id)
@@ -203,7 +204,7 @@ class LoraOpsTrain:
 
     # ----------------------------------------------------------------------------------------------- parts
     @contextlib.contextmanager
-    def _backend(self, model: Any, clip: Any, vae: Any):
+    def _backend(self, model: Any, clip: Any, vae: Any, training_dtype: str):
         if isinstance(model, DiffusersModel):
             from ..lora_ops.train.diffusers_backend import DiffusersBackend
 
@@ -212,6 +213,11 @@ class LoraOpsTrain:
         elif comfy_host.is_model_patcher(model):
             backend = ComfyBackend(model, clip=clip, vae=vae)
             backend.load()
+            weights = next(backend.denoiser().parameters()).dtype
+            if backend.device.type == "cpu" and training_dtype not in ("float32", str(weights).split(".")[-1]):
+                raise LoraValueError(f"on the CPU, a {weights} model cannot be trained with {training_dtype} autocast "
+                                     "(CPU autocast leaves group norms in the weights' dtype)",
+                                     hint="set training_dtype to float32")
             yield backend
         else:
             raise LoraValueError(f"MODEL is neither a ComfyUI model nor a diffusers pipeline "

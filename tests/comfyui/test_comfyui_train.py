@@ -319,3 +319,23 @@ def test_train_from_images_and_captions_with_comfyuis_clip(comfy, build, graph_i
                                                caption_dropout=0.5, trigger_word="sks", resolution=64)[0]
     assert json.loads(lora.metadata["ss_tag_frequency"]) == {"1_images": {"sks": 2, "a red square": 1,
                                                                           "a blue square": 1}}
+
+
+def test_half_precision_model_trains_in_float32_on_the_cpu(comfy, unet_sd, graph_inputs, output):
+    """A float16 MODEL (as ComfyUI loads one on a GPU) trains with float32 LoRA weights; on the CPU a mismatched
+    autocast dtype is refused with the reason instead of failing inside a group norm."""
+    c = comfy.comfy
+    sd = dict(unet_sd)
+    config = c.supported_models.SD15(c.model_detection.detect_unet_config(sd, ""))
+    config.set_inference_dtype(torch.float16, None)
+    with torch.inference_mode():
+        base = config.get_model(sd, "")
+        base.load_model_weights(sd, "")
+        mm = c.model_management
+        half = c.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                           offload_device=mm.unet_offload_device())
+    _, latents, positive = graph_inputs
+    lora = run_train((half, latents, positive), 2, run_name="half")[0]
+    assert all(layer.up.dtype == torch.float32 for layer in lora.layers.values())
+    with pytest.raises(LoraValueError, match="training_dtype to float32"):
+        run_train((half, latents, positive), 1, run_name="half", training_dtype="bfloat16")
