@@ -18,6 +18,7 @@ interrupted.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..lora_ops.errors import LoraValueError
+from ..lora_ops.errors import LoraOpsError, LoraValueError
 from ..lora_ops.io import safe_join
 from ..lora_ops.train import Dataset, TrainConfig, Trainer
 from . import comfy_env, comfy_host
@@ -154,6 +155,20 @@ class LoraOpsTrain:
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+
+    @classmethod
+    def IS_CHANGED(cls, data_folder="", **_):
+        """A data folder is re-read when any file in it changes (name, size or time); graph inputs speak for
+        themselves."""
+        if not data_folder or not data_folder.strip():
+            return ""
+        try:
+            root = safe_join(comfy_env.input_dir(), data_folder.strip())
+            files = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                           for p in root.rglob("*") if p.is_file())
+        except (OSError, LoraOpsError):
+            return float("nan")  # never equal: re-run, and let the node report the problem
+        return hashlib.sha256(repr(files).encode()).hexdigest()
 
     @classmethod
     def VALIDATE_INPUTS(cls, run_name="LoRA-Ops-train", **_):

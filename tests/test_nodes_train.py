@@ -104,5 +104,10 @@ def test_train_node_from_a_kohya_folder_in_the_input_folder(model, output):
                                                          data_folder="style", resolution=64)
     assert lora.metadata["ss_num_train_images"] == "6"  # 2 images × 3 repeats
     assert "2 images used, 1 left out" in report and "broken.png" in report
+    changed = train_node.LoraOpsTrain.IS_CHANGED(data_folder="style")
+    assert changed == train_node.LoraOpsTrain.IS_CHANGED(data_folder="style")
+    (data / "0.txt").write_text("a red square, again")
+    assert train_node.LoraOpsTrain.IS_CHANGED(data_folder="style") != changed
+    assert train_node.LoraOpsTrain.IS_CHANGED(data_folder="") == ""
     with pytest.raises(pack.lora_ops.errors.LoraFileError, match="outside the allowed folder"):
         train_node.LoraOpsTrain().train(model, 1, **SETTINGS, run_name="x", resume=False, data_folder="../output")
