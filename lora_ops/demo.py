@@ -4,10 +4,10 @@ Stages: build the model → train a LoRA on a synthetic captioned dataset (loss 
 diffusers) → inspect → rank-resize (fixed, sv_fro) → combine with a second LoRA (concat, svd) → apply with
 strengths + coverage → merge & unload vs applied → unmerge restores the base bit-for-bit → bake into a checkpoint
 folder → extract back and compare. The trained LoRA learns a red square on a random-weight model whose VAE decodes
-almost everything to grey, so the later stages (and the image grid) use random LoRAs with a visible effect.
-Each stage prints one line with its key
-figure and records pass/fail checks; `report.html` (self-contained) and PNGs go to the output folder. The exit code
-is non-zero if any check fails.
+most of what it learns to faint changes, so the later stages use random LoRAs with a larger effect; the image grid
+shows base, the trained LoRA and those, each with its difference from base magnified underneath. Each stage prints
+one line with its key figure and records pass/fail checks; `report.html` (self-contained) and PNGs go to the
+output folder. The exit code is non-zero if any check fails.
 """
 
 from __future__ import annotations
@@ -72,15 +72,23 @@ def _generate(pipe) -> torch.Tensor:
                 generator=torch.Generator().manual_seed(0)).images
 
 
-def _grid(images: list[tuple[str, torch.Tensor]]) -> Image.Image:
-    """One row of images, each scaled up 3× (nearest) so 64-pixel images are visible."""
-    tiles = []
-    for _, t in images:
-        array = (t[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")  # (H, W, 3)
-        tiles.append(Image.fromarray(array).resize((SIZE * 3, SIZE * 3), Image.NEAREST))
-    grid = Image.new("RGB", (len(tiles) * (SIZE * 3 + 8), SIZE * 3), "white")
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, (i * (SIZE * 3 + 8), 0))
+def _grid(images: list[tuple[str, torch.Tensor]], *, gain: float = 4.0) -> Image.Image:
+    """Labelled tiles, scaled 3× (nearest) so 64-pixel images are visible; under each one its difference from the
+    first (the base), |Δ| × ``gain``, so small changes are seen, not guessed."""
+    from PIL import ImageDraw
+
+    tile, gap, label_h = SIZE * 3, 8, 16
+    base = images[0][1][0]
+    grid = Image.new("RGB", (len(images) * (tile + gap), 2 * (tile + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (title, t) in enumerate(images):
+        x = i * (tile + gap)
+        for row, picture in enumerate((t[0], ((t[0] - base).abs() * gain))):
+            array = (picture.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")  # (H, W, 3)
+            y = row * (tile + label_h)
+            grid.paste(Image.fromarray(array).resize((tile, tile), Image.NEAREST), (x, y + label_h))
+            text = title if row == 0 else (f"|{title} - base| x{gain:g}" if i else "difference from base:")
+            draw.text((x + 2, y + 2), text.replace("×", "x"), fill="black")  # PIL's built-in font is ASCII
     return grid
 
 
@@ -122,7 +130,7 @@ def run_demo(
               f"{len(lora_a.layers)} layers, {L.num_params(lora_a):,} parameters, {time.perf_counter() - t0:.1f} s")
     stage_done()
 
-    _train_stage(run, pipe, out)
+    trained = _train_stage(run, pipe, out)
     stage_done()
 
     # 2. save
@@ -171,12 +179,18 @@ def run_demo(
     host = DiffusersHost(pipe)
     base_img = _generate(pipe)
     images = [("base", base_img)]
+    host.apply([(trained, 1.0, 1.0)])
+    images.append(("trained (sks)", _generate(pipe)))
+    host.remove()
+    trained_diff = float((images[1][1] - base_img).abs().mean())
+    run.check("apply", "the trained LoRA changes the image", trained_diff > 1e-3,
+              f"mean |Δpixel| {trained_diff:.4f} (the random VAE damps it; see the difference row of the grid)")
     for strength in (0.5, 1.0):
         coverage = host.apply([(lora_a, strength, strength)])
         images.append((f"LoRA A ×{strength}", _generate(pipe)))
         host.remove()
     run.check("apply", "every LoRA layer matched a model weight", coverage.fraction == 1.0, coverage.summary())
-    diff = float((images[2][1] - base_img).abs().mean())
+    diff = float((images[3][1] - base_img).abs().mean())
     run.check("apply", "the LoRA visibly changes the image", diff > 0.01, f"mean |Δpixel| {diff:.3f} at strength 1")
     for title, value in (("resized (rank 4)", small), ("combined (svd 8)", svd8)):
         host.apply([(value, 1.0, 1.0)])
@@ -225,7 +239,7 @@ def run_demo(
     return 1 if failed else 0
 
 
-def _train_stage(run: _Run, pipe, out: Path) -> None:
+def _train_stage(run: _Run, pipe, out: Path) -> L.LoRA:
     """Train a LoRA on four solid-red images captioned "a red square" (trigger "sks"); the loss must drop."""
     from .train import Dataset, TrainConfig, train
     from .train.diffusers_backend import DiffusersBackend
@@ -245,6 +259,7 @@ def _train_stage(run: _Run, pipe, out: Path) -> None:
     run.check("train", "the trained LoRA reads back with its metadata",
               load_lora(path).metadata.get("ss_max_train_steps") == str(config.max_steps),
               f"{len(result.lora.layers)} layers, ss_network_dim {result.lora.metadata.get('ss_network_dim')}")
+    return result.lora
 
 
 def _html(run: _Run, seconds: float) -> str:

@@ -22,3 +22,18 @@ def test_demo_runs_every_stage_and_every_check_passes(tmp_path, capsys):
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "http" not in page  # self-contained
     assert json.loads((tmp_path / "inspect.json").read_text())["family"] == "sd1"
+
+
+def test_readme_images_exist_and_are_valid():
+    """Every image the README shows is in the repo and decodes (the README's grid comes from `lora-ops demo`)."""
+    import re
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parent.parent
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (root / "README.md").read_text(encoding="utf-8"))
+    assert "docs/grid.png" in images
+    for rel in images:
+        with Image.open(root / rel) as image:
+            image.verify()
