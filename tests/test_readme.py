@@ -82,11 +82,15 @@ def check_cli_reference(block: str) -> None:
 
 
 def check_layout(block: str) -> None:
-    """Every file or folder the layout names exists (top level, or inside lora_ops/ for the indented lines)."""
+    """Every file or folder the layout names exists (indented lines: inside the folder named above them)."""
+    parent = ROOT
     for line in block.splitlines():
-        for name in re.findall(r"(?<![\w/])(\w+(?:/\w+)*(?:/|\.py))", line):
-            candidates = [ROOT / name, ROOT / "lora_ops" / name]
-            assert any(c.exists() for c in candidates), f"README layout names {name!r}, not in the repo"
+        names = re.findall(r"(?<![\w/])(\w+(?:/\w+)*(?:/|\.py))", line)
+        if not line.startswith(" ") and names:
+            parent = ROOT / names[0] if names[0].endswith("/") else ROOT
+        base = parent if line.startswith(" ") else ROOT
+        for name in names:
+            assert (base / name).exists(), f"README layout names {name!r}, not in {base.relative_to(ROOT.parent)}"
 
 
 HANDLERS = [
