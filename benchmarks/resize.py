@@ -1,6 +1,8 @@
 """Rank-Resize and SVD-Combine: LoRA Ops (QR of the factors, no ΔW) against kohya's dense method, side by side.
 
-    python benchmarks/resize.py [--quick]
+    python benchmarks/resize.py [--quick] [--tasks resize,combine] [--no-reference]
+
+``--tasks``: any of ``resize`` (both resize rows), ``resize32``, ``svfro``, ``combine``; default all.
 
 Builds an SDXL-shaped synthetic LoRA (986 layers: the real SDXL UNet attention/ff/proj and CLIP-L + OpenCLIP-G
 text-encoder shapes, see _sdxl_shapes.py; rank 128, random Gaussian factors whose rows fade as 1/(1+i/16) so the
@@ -180,6 +182,11 @@ def ranks_equal(report, ref_result) -> str:
     return f"{same}/{len(report.layers)}"
 
 
+def row_ours_only(task: str, ours: Measure) -> str:
+    """A row without the dense reference (``--no-reference``): its columns stay empty."""
+    return f"| {task} | {ours.seconds:.1f} s | — | — | {ours.peak_mb:.0f} MiB | — | — | — | — |"
+
+
 def row(task: str, ours: Measure, ref: Measure, diff: float, ranks: str) -> str:
     mem_ratio = f"{ref.peak_mb / ours.peak_mb:.1f}×" if ours.peak_mb > 1 else "—"
     return (
@@ -191,6 +198,11 @@ def row(task: str, ours: Measure, ref: Measure, diff: float, ranks: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset of layers (a few seconds)")
+    parser.add_argument("--tasks", default="resize32,svfro,combine", type=parse_tasks,
+                        help="comma-separated subset of: resize (= resize32,svfro), resize32, svfro, combine "
+                             "(default: all)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="time ours only (the dense reference takes ~1 h on the full LoRA)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pinned = pin_malloc()
@@ -208,24 +220,54 @@ def main() -> None:
         "| max σ diff (rel. σ₀) | same ranks |")
     out("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
-    for task, rule, kohya in [("resize → rank 32", R.Fixed(32), (32, None, None)),
-                              ("resize sv_fro 0.9", R.SvFro(0.9), (RANK, "sv_fro", 0.9))]:
+    run_resize(loras[0], args.tasks, not args.no_reference)
+    if "combine" in args.tasks:
+        run_combine(loras, not args.no_reference)
+
+
+TASKS = ("resize32", "svfro", "combine")
+
+
+def parse_tasks(text: str) -> set[str]:
+    """``--tasks``: names from TASKS, ``resize`` standing for both resize rows."""
+    tasks = {t.strip() for t in text.split(",") if t.strip()}
+    if "resize" in tasks:
+        tasks = (tasks - {"resize"}) | {"resize32", "svfro"}
+    unknown = tasks - set(TASKS)
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {sorted(unknown)}; choose from resize, {', '.join(TASKS)}")
+    return tasks
+
+
+def run_resize(lora: LoRA, tasks: set[str], reference: bool) -> None:
+    for name, task, rule, kohya in [("resize32", "resize → rank 32", R.Fixed(32), (32, None, None)),
+                                    ("svfro", "resize sv_fro 0.9", R.SvFro(0.9), (RANK, "sv_fro", 0.9))]:
+        if name not in tasks:
+            continue
         with Measure() as ours:
-            result, report = resize(loras[0], rule)
+            result, report = resize(lora, rule)
         del result
+        if not reference:
+            out(row_ours_only(task, ours))
+            continue
         with Measure() as ref:
-            ref_result, ref_spectra = kohya_resize(loras[0], *kohya)
+            ref_result, ref_spectra = kohya_resize(lora, *kohya)
         out(row(task, ours, ref, sv_diff(report, ref_spectra), ranks_equal(report, ref_result)))
         del report, ref_result, ref_spectra
 
-    weights = [1.0, 0.7, -0.5]
+
+def run_combine(loras: list[LoRA], reference: bool) -> None:
+    task, weights = f"combine 3 (svd) → rank {RANK}", [1.0, 0.7, -0.5]
     with Measure() as ours:
         result, report = combine([(lo, w, None) for lo, w in zip(loras, weights)], "svd", R.Fixed(RANK))
     del result
+    if not reference:
+        out(row_ours_only(task, ours))
+        return
     with Measure() as ref:
         ref_result, ref_spectra = kohya_svd_merge(list(zip(loras, weights)), RANK)
     same = sum(rec.new_rank == ref_result[rec.key][1].shape[0] for rec in report.layers)
-    out(row(f"combine 3 (svd) → rank {RANK}", ours, ref, sv_diff(report, ref_spectra), f"{same}/{len(report.layers)}"))
+    out(row(task, ours, ref, sv_diff(report, ref_spectra), f"{same}/{len(report.layers)}"))
 
 
 if __name__ == "__main__":

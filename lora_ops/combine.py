@@ -155,7 +155,7 @@ def combine(
         ranks = choose_ranks(
             {k: s.S for k, (_, s) in pending.items()},
             rules,
-            bytes_per_rank={k: (s.U.shape[0] + s.Vh.shape[1]) * out_dtype.itemsize for k, (_, s) in pending.items()},
+            bytes_per_rank={k: sum(s.dims) * out_dtype.itemsize for k, (_, s) in pending.items()},
             fixed_bytes=fixed_bytes(LoRA({k: t[0][1] for k, (t, _) in pending.items()}, metadata), out_dtype),
         )
         for key, (terms, svd) in pending.items():

@@ -24,17 +24,47 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class FactoredSVD:
-    """ΔW = U · diag(S) · Vh with ΔW flattened to (out, in·kh·kw); ``shape`` is ΔW's own shape."""
+    """ΔW = U · diag(S) · Vh with ΔW flattened to (out, in·kh·kw); ``shape`` is ΔW's own shape.
 
-    U: Tensor  # (d, m), orthonormal columns
+    U and Vh may be kept as products, U = ``left`` · ``u_core`` and Vh = ``vh_core`` · ``right`` (the factors and
+    small r×m matrices), so that a caller keeping k of m directions pays for d×r×k, not d×r×m: `u`/`vh` form only
+    the leading columns/rows. Without cores, ``left`` is U and ``right`` is Vh.
+    """
+
+    left: Tensor  # (d, m) U itself, or (d, r) with U = left @ u_core
     S: Tensor  # (m,), descending, ≥ 0
-    Vh: Tensor  # (m, k), orthonormal rows
+    right: Tensor  # (m, k) Vh itself, or (r, k) with Vh = vh_core @ right
     shape: tuple[int, ...]  # (out, in) or (out, in, kh, kw)
+    u_core: Tensor | None = None  # (r, m)
+    vh_core: Tensor | None = None  # (m, r)
 
     @property
     def rank(self) -> int:
         """How many singular values there are (min(d, k, r)); trailing ones may be zero."""
         return int(self.S.shape[0])
+
+    @property
+    def U(self) -> Tensor:  # noqa: N802 — the textbook name
+        """Every left singular vector, (d, m): formed on each access when kept as a product."""
+        return self.u(self.rank)
+
+    @property
+    def Vh(self) -> Tensor:  # noqa: N802
+        """Every right singular vector, (m, k): formed on each access when kept as a product."""
+        return self.vh(self.rank)
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        """(d, k) of the flattened ΔW, without forming U or Vh."""
+        return int(self.left.shape[0]), int(self.right.shape[1])
+
+    def u(self, k: int) -> Tensor:
+        """The first k left singular vectors (d, k); only those are multiplied out."""
+        return self.left[:, :k] if self.u_core is None else self.left @ self.u_core[:, :k]
+
+    def vh(self, k: int) -> Tensor:
+        """The first k right singular vectors as rows (k, in·kh·kw); only those are multiplied out."""
+        return self.right[:k] if self.vh_core is None else self.vh_core[:k] @ self.right
 
     @property
     def is_conv(self) -> bool:
@@ -55,10 +85,10 @@ class FactoredSVD:
         if scale == 0:
             raise LoraValueError("cannot factor with scale 0 (alpha 0)")
         root = (self.S[:k] / abs(scale)).sqrt()  # (k,)
-        up = self.U[:, :k] * root  # (out, k)
+        up = self.u(k) * root  # (out, k)
         if scale < 0:
             up = -up
-        down = root[:, None] * self.Vh[:k]  # (k, in·kh·kw)
+        down = root[:, None] * self.vh(k)  # (k, in·kh·kw)
         if self.is_conv:
             return up.reshape(self.shape[0], k, 1, 1), down.reshape(k, *self.shape[1:])  # (out,k,1,1), (k,in,kh,kw)
         return up, down
@@ -66,7 +96,7 @@ class FactoredSVD:
     def dense(self, k: int | None = None) -> Tensor:
         """The (truncated) ΔW in its own shape — for tests and references; forms a d×k matrix."""
         k = self.rank if k is None else k
-        flat = (self.U[:, :k] * self.S[:k]) @ self.Vh[:k]  # (out, in·kh·kw)
+        flat = (self.u(k) * self.S[:k]) @ self.vh(k)  # (out, in·kh·kw)
         return flat.reshape(self.shape)
 
 
@@ -101,14 +131,21 @@ def flat_factors(layer: Layer, dtype: torch.dtype = torch.float32) -> tuple[Tens
 CHOLESKY_MIN_PIVOT = 1e-4  # smallest/largest Cholesky pivot accepted: error ≈ κ²·eps64 ≤ 1e-8 relative
 
 
-def _cholesky_r(m: Tensor) -> Tensor | None:
+def _cholesky_r(m: Tensor, key: str | None = None) -> Tensor | None:
     """Upper-triangular R with m = Q·R (m is n×r), from the Cholesky factor of the fp64 Gram matrix mᵀm.
 
     One GEMM instead of a Householder QR plus forming Q: several times faster on tall factors. Its error grows
     with κ(m)², so it declines (None) when m is rank-deficient or ill-conditioned; the caller then uses QR.
+    The Gram diagonal holds Σ mᵢⱼ² per column, so it is non-finite exactly when m has a NaN/Inf (fp16/fp32
+    values cannot overflow fp64 when squared): that replaces a separate pass over m (which costs as much as the
+    Gram itself on r = 128 factors); only then is m scanned, to raise for a damaged layer.
     """
     m64 = m.double()
-    lower, info = torch.linalg.cholesky_ex(m64.T @ m64)  # (r, r)
+    gram = m64.T @ m64  # (r, r)
+    if not bool(torch.isfinite(gram.diagonal()).all()):
+        _check_finite(m, key)  # raises on NaN/Inf; a finite fp64 overflow falls back to QR
+        return None
+    lower, info = torch.linalg.cholesky_ex(gram)  # (r, r)
     if int(info) != 0:
         return None
     pivots = lower.diagonal()
@@ -118,22 +155,34 @@ def _cholesky_r(m: Tensor) -> Tensor | None:
 
 
 def svd_of_product(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """U, S, Vh of B @ A (B d×r, A r×k) via QR of B and Aᵀ and the SVD of the small core; B @ A is never formed.
+    """U, S, Vh of B @ A (B d×r, A r×k) via QR of B and Aᵀ and the SVD of the small core; B @ A is never formed."""
+    svd = factored_svd(b, a, (b.shape[0], a.shape[1]))
+    return svd.U, svd.S, svd.Vh
+
+
+def factored_svd(b: Tensor, a: Tensor, shape: tuple[int, ...], key: str | None = None) -> FactoredSVD:
+    """The SVD of B @ A (B d×r, A r×k) as a `FactoredSVD`, B @ A never formed; raises if B or A has NaN/Inf.
 
     Fast path (well-conditioned factors, the usual case): Cholesky-QR in fp64 — R from the Gram matrices, the core
-    SVD in fp64, then U = B·R_b⁻¹·U_c and V = Aᵀ·R_a⁻¹·V_c. Otherwise Householder QR.
+    R_b·R_aᵀ formed in fp64 — and U = B·(R_b⁻¹U_c), Vh = (V_cᵀR_a⁻ᵀ)·A kept as products, so only the directions a
+    caller keeps are multiplied out. The core's SVD runs in B's dtype: fp32 σ of an fp64-accurate core are within
+    a few eps32·σ₀ (far inside the 1e-5·σ₀ goal) at ~70 % of the fp64 cost, which dominates at r = 384.
+    Otherwise Householder QR and explicit U, Vh.
     """
-    r_b = _cholesky_r(b) if b.shape[0] >= b.shape[1] else None
-    r_a = _cholesky_r(a.T) if r_b is not None and a.shape[1] >= a.shape[0] else None
+    r_b = _cholesky_r(b, key) if b.shape[0] >= b.shape[1] else None
+    r_a = _cholesky_r(a.T, key) if r_b is not None and a.shape[1] >= a.shape[0] else None
     if r_b is not None and r_a is not None:
-        u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T)  # (r, r), (r,), (r, r) in fp64
-        left = torch.linalg.solve_triangular(r_b, u_c, upper=True)  # R_b⁻¹·U_c (r, r)
-        right = torch.linalg.solve_triangular(r_a, vh_c.T, upper=True)  # R_a⁻¹·V_c (r, r)
-        return b @ left.to(b.dtype), s.to(b.dtype), (a.T @ right.to(a.dtype)).T  # (d, r), (r,), (r, k)
+        core = (r_b @ r_a.T).to(b.dtype)  # (r, r)
+        u_c, s, vh_c = torch.linalg.svd(core)  # (r, r), (r,), (r, r)
+        left = torch.linalg.solve_triangular(r_b, u_c.double(), upper=True)  # R_b⁻¹·U_c (r, r)
+        right = torch.linalg.solve_triangular(r_a, vh_c.double().T, upper=True)  # R_a⁻¹·V_c (r, r)
+        return FactoredSVD(b, s.to(b.dtype), a, shape, left.to(b.dtype), right.T.to(a.dtype))
+    _check_finite(b, key)
+    _check_finite(a, key)
     q_b, r_b = torch.linalg.qr(b)  # (d, p), (p, r); p = min(d, r)
     q_a, r_a = torch.linalg.qr(a.T)  # (k, q), (q, r); q = min(k, r)
     u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # (p, m), (m,), (m, q)
-    return q_b @ u_c, s, vh_c @ q_a.T  # (d, m), (m,), (m, k)
+    return FactoredSVD(q_b @ u_c, s, vh_c @ q_a.T, shape)  # (d, m), (m,), (m, k)
 
 
 def dense_svd(delta: Tensor) -> FactoredSVD:
@@ -149,10 +198,7 @@ def layer_svd(layer: Layer, dtype: torch.dtype = torch.float32, *, key: str | No
     if not isinstance(layer, LoRALayer):
         return dense_svd(_checked(layer.delta(dtype), key))
     b, a, shape = flat_factors(layer, dtype)
-    _check_finite(b, key)
-    _check_finite(a, key)
-    u, s, vh = svd_of_product(b, a)
-    return FactoredSVD(u, s, vh, shape)
+    return factored_svd(b, a, shape, key)
 
 
 def sum_svd(
@@ -168,10 +214,7 @@ def sum_svd(
         bs.append(b * weight)
         as_.append(a)
     b_cat, a_cat = torch.cat(bs, dim=1), torch.cat(as_, dim=0)  # (out, Σr), (Σr, in·kh·kw)
-    _check_finite(b_cat, key)
-    _check_finite(a_cat, key)
-    u, s, vh = svd_of_product(b_cat, a_cat)
-    return FactoredSVD(u, s, vh, shape)
+    return factored_svd(b_cat, a_cat, shape, key)
 
 
 def numerical_rank(s: Tensor, d: int, k: int) -> int:

@@ -143,7 +143,7 @@ def resize(
             key: layer_svd(layer, compute_dtype, key=key)
             for key, layer in track(lora.layers.items(), "resize: SVD", progress)
         }
-        per_rank = {k: (s.U.shape[0] + s.Vh.shape[1]) * _out_dtype(lora[k], dtype).itemsize for k, s in svds.items()}
+        per_rank = {k: sum(s.dims) * _out_dtype(lora[k], dtype).itemsize for k, s in svds.items()}
         ranks = choose_ranks(
             {k: s.S for k, s in svds.items()},
             rules,

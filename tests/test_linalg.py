@@ -205,3 +205,55 @@ def test_cholesky_fast_path_matches_householder_and_declines_ill_conditioned():
     assert linalg._cholesky_r(bad) is None
     expected = torch.linalg.svdvals(bad @ a)[:16]
     torch.testing.assert_close(linalg.svd_of_product(bad, a)[1], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_factored_fast_path_forms_only_the_kept_directions():
+    """The Cholesky path keeps U = B·u_core and Vh = vh_core·A as products; u(k)/vh(k) equal the explicit ones."""
+    g = torch.Generator().manual_seed(3)
+    b, a = torch.randn(90, 24, generator=g, dtype=torch.float64), torch.randn(24, 70, generator=g,
+                                                                              dtype=torch.float64)
+    svd = linalg.factored_svd(b, a, (90, 70))
+    assert svd.u_core is not None and svd.vh_core is not None  # the lazy path was taken
+    assert svd.dims == (90, 70) and svd.U.shape == (90, 24) and svd.Vh.shape == (24, 70)
+    for k in (1, 5, 24):
+        torch.testing.assert_close(svd.u(k), svd.U[:, :k])
+        torch.testing.assert_close(svd.vh(k), svd.Vh[:k])
+        up, down = svd.factors(k)
+        err = (up @ down - b @ a).norm()
+        assert abs(err - svd.S[k:].norm()) <= 1e-9 * svd.S.norm()  # Eckart–Young optimum
+    torch.testing.assert_close(svd.U.T @ svd.U, torch.eye(24, dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(svd.Vh @ svd.Vh.T, torch.eye(24, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_sum_svd_of_three_rank_r_stacks_truncates_exactly():
+    """A combine-shaped sum (3 × rank 16 → core 48) kept at k = 16: σ and the truncation error match dense fp64."""
+    layers = [make_layer("linear", 120, 80, 16, seed=s) for s in range(3)]
+    weights = [1.0, 0.7, -0.5]
+    svd = linalg.sum_svd(list(zip(layers, weights)))
+    dense = sum(w * ly.delta(torch.float64) for ly, w in zip(layers, weights))
+    assert_sv_match(svd.S, torch.linalg.svdvals(dense))
+    up, down = svd.factors(16)
+    assert up.shape == (120, 16) and down.shape == (16, 80)
+    err = float((up.double() @ down.double() - dense).norm())
+    assert abs(err - float(svd.S[16:].double().norm())) <= 1e-5 * float(svd.S.double().norm())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["up", "down"])
+def test_non_finite_factor_is_caught_by_the_gram_check(value, where):
+    layer = make_layer("linear", 30, 20, 4, seed=1)
+    getattr(layer, where)[2, 1] = value
+    with pytest.raises(LoraValueError, match="NaN"):
+        linalg.layer_svd(layer, key="unet.x")
+    with pytest.raises(LoraValueError, match="NaN"):
+        linalg.sum_svd([(layer, 1.0), (make_layer("linear", 30, 20, 4, seed=2), 1.0)], key="unet.x")
+
+
+def test_finite_factor_whose_gram_overflows_falls_back_to_qr():
+    """fp64 values near 1e200 square to inf in the Gram matrix without being damaged: Householder QR takes over."""
+    g = torch.Generator().manual_seed(5)
+    b, a = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randn(6, 30, generator=g, dtype=torch.float64)
+    big = b * 1e200
+    assert linalg._cholesky_r(big) is None
+    u, s, vh = linalg.svd_of_product(big, a * 1e-200)
+    torch.testing.assert_close(s, torch.linalg.svdvals(b @ a)[:6], rtol=1e-10, atol=0)
