@@ -63,23 +63,23 @@ def lora_path(name: str) -> Path | None:
     return None
 
 
-def output_dir() -> Path:
+def _folder(kind: str) -> Path:
+    """ComfyUI's ``output`` / ``input`` folder, or the one `configure` set outside ComfyUI."""
     fp = _comfy("folder_paths")
     if fp is not None:
-        return Path(fp.get_output_directory())
-    if not _standalone["output"]:
-        raise RuntimeError("no output folder configured (call nodes.comfy_env.configure(output=...))")
-    return _standalone["output"][0]
+        return Path(getattr(fp, f"get_{kind}_directory")())
+    if not _standalone[kind]:
+        raise RuntimeError(f"no {kind} folder configured (call nodes.comfy_env.configure({kind}=...))")
+    return _standalone[kind][0]
+
+
+def output_dir() -> Path:
+    return _folder("output")
 
 
 def input_dir() -> Path:
     """ComfyUI's input folder (training data folders are looked up inside it, never outside)."""
-    fp = _comfy("folder_paths")
-    if fp is not None:
-        return Path(fp.get_input_directory())
-    if not _standalone["input"]:
-        raise RuntimeError("no input folder configured (call nodes.comfy_env.configure(input=...))")
-    return _standalone["input"][0]
+    return _folder("input")
 
 
 class Progress:

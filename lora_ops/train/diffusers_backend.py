@@ -111,17 +111,16 @@ class DiffusersBackend:
     def encode_images(self, pixels: Tensor) -> Tensor:
         vae = self.pipe.vae
         dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-        latents = dist.mean  # (B, C, H/8, W/8)
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift is not None:
-            latents = latents - shift
-        return latents * vae.config.scaling_factor
+        return self._scaled(dist.mean)  # (B, C, H/8, W/8)
 
     def process_latents(self, samples: Tensor) -> Tensor:
         """Raw VAE latents (e.g. ComfyUI's LATENT) → the scaled latents `encode_images` returns."""
+        return self._scaled(samples.detach().float())
+
+    def _scaled(self, latents: Tensor) -> Tensor:
+        """The VAE's (latents - shift) · scaling_factor, as the UNet was trained on; a new tensor."""
         config = self.pipe.vae.config
         shift = getattr(config, "shift_factor", None)
-        latents = samples.detach().float().clone()
         if shift is not None:
             latents = latents - shift
         return latents * config.scaling_factor
