@@ -150,7 +150,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(out_dir=args.out, progress=not args.quiet, echo=_out)
+    steps = {} if args.steps is None else {"train_steps": args.steps}
+    return run_demo(out_dir=args.out, progress=not args.quiet, echo=_out, **steps)
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
@@ -248,9 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the whole LoRA life cycle on the embedded tiny SD1.5-shaped model")
     p.add_argument("--out", default="lora-ops-demo", help="folder for the demo's files (report.html, PNGs, files)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="training steps for the demo LoRA (default: enough for the visual checks to pass)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

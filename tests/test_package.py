@@ -5,6 +5,7 @@ import re
 import sys
 import tomllib
 
+import pytest
 from helpers import import_pack
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -60,9 +61,20 @@ def test_readme_cli_reference_parses():
         "extract": ["extract", "a", "b", "-o", "c", "--rank", "8"],
         "bake": ["bake", "ck", "l:1:0.5", "-o", "out", "--dtype", "fp16"],
         "train": ["train", "data", "--tiny", "sd1", "-o", "out", "--rank", "8", "--max-steps", "10"],
-        "demo": ["demo", "--out", "d"],
+        "demo": ["demo", "--out", "d", "--steps", "20"],
     }
     documented = [line.split()[1] for line in block.splitlines() if line.startswith("lora-ops ")]
     assert set(documented) == set(samples) == set(build_parser()._subparsers._group_actions[0].choices)
     for argv in samples.values():
         build_parser().parse_args(argv)
+
+
+def test_demo_steps_must_be_a_positive_whole_number(capsys):
+    from lora_ops.cli import build_parser
+
+    assert build_parser().parse_args(["demo", "--steps", "7"]).steps == 7
+    assert build_parser().parse_args(["demo"]).steps is None
+    for bad in ("0", "-3", "2.5"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["demo", "--steps", bad])
+        assert "--steps" in capsys.readouterr().err

@@ -74,11 +74,16 @@ def check_graph_diagram(block: str) -> None:
 
 
 def check_cli_reference(block: str) -> None:
-    """Parsed by tests/test_package.py (test_readme_cli_reference_parses); here: each line is a real command."""
+    """Parsed by tests/test_package.py (test_readme_cli_reference_parses); here: each line is a real command and
+    every option it names (`--rank`, `-o` …) is one of that command's options."""
     from lora_ops.cli import build_parser
 
-    commands = set(build_parser()._subparsers._group_actions[0].choices)
-    assert all(line.split()[1] in commands for line in block.strip().splitlines())
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for line in block.strip().splitlines():
+        command = commands[line.split()[1]]
+        known = {s for action in command._actions for s in action.option_strings}
+        named = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", line))
+        assert named <= known, f"README: `lora-ops {line.split()[1]}` has no option {sorted(named - known)}"
 
 
 def check_layout(block: str) -> None:
