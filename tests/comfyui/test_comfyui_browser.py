@@ -13,7 +13,10 @@ What is asserted, through the page's own ``app`` and ``LiteGraph`` objects and c
 - the info button shows the LoRA's format, family and layer count from ``GET /loraops/info``;
 - ``app.graphToPrompt()`` sends that ``rows`` value as the node's input and the editor itself is not serialised
   (the workflow's ``widgets_values`` hold the rows JSON and the strengths, nothing else);
-- loading examples/workflows/stack.json redraws the editor from the saved rows.
+- loading examples/workflows/stack.json redraws the editor from the saved rows;
+- the Train node's live loss curve follows a real run: examples/workflows/train_and_save.json loaded in the page,
+  its API twin posted for the page's client id (as the page's Queue button does), and the node shows
+  "step 3/3 · loss … · done" over a canvas with the smoothed curve drawn in its colour.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
+import re
 import shutil
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .test_comfyui_server import server  # noqa: F401 — the module-scoped ComfyUI server fixture
+from .test_comfyui_server import for_test, get, server  # noqa: F401 — server: the module-scoped fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTENSIONS = {"loraops.core", "loraops.stack", "loraops.train"}
@@ -113,6 +120,17 @@ def add_stack_node(page) -> int:
     return node_id
 
 
+def finished(server, prompt_id: str, timeout: float = 90) -> dict:
+    """The prompt's history entry once the whole prompt has finished (the Train node ends before the Save node)."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        entry = get(server.url, f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("status_str"):
+            return entry
+        time.sleep(0.2)
+    raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
 def test_every_extension_registers_and_loads_without_errors(page):
     names = set(page.evaluate("() => app.extensions.map(e => e.name)"))
     assert EXTENSIONS <= names, sorted(names)
@@ -179,3 +197,36 @@ def test_a_loaded_workflow_redraws_the_editor(page):
     selects = page.locator(f"[data-loraops-node='{node_id}'] select")
     assert selects.count() == len(expected)
     assert [selects.nth(i).input_value() for i in range(len(expected))] == [r["lora"] for r in expected]
+
+
+def test_the_train_nodes_loss_curve_follows_a_real_run(page, server):  # noqa: F811
+    workflow = json.loads((ROOT / "examples" / "workflows" / "train_and_save.json").read_text(encoding="utf-8"))
+    train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "LoraOpsTrain")
+    page.evaluate("async (wf) => { await app.loadGraphData(wf); }", workflow)
+    view = page.locator(".loraops-train")
+    assert view.count() == 1 and "no training run yet" in view.inner_text()
+
+    api_graph = json.loads((ROOT / "examples" / "workflows" / "train_and_save.api.json").read_text(encoding="utf-8"))
+    graph = for_test(api_graph, random.randrange(1, 2**31 - 1))
+    client_id = page.evaluate("async () => (await import('/scripts/api.js')).api.clientId")
+    assert client_id
+    body = json.dumps({"prompt": graph, "client_id": client_id}).encode()
+    request = urllib.request.Request(server.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=20) as res:
+        prompt_id = json.loads(res.read())["prompt_id"]
+    view.filter(has_text="done").wait_for(timeout=90_000)
+    assert finished(server, prompt_id)["status"]["status_str"] == "success"
+
+    steps = graph[str(train_id)]["inputs"]["steps"]
+    assert re.fullmatch(rf"step {steps}/{steps} · loss [0-9.e+-]+ · lr [0-9.e+-]+ · done", view.inner_text().strip())
+    drawn = page.evaluate("""() => {
+        const canvas = document.querySelector(".loraops-train canvas");
+        const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+        let curve = 0;  // pixels in the smoothed curve's colour, rgb(240, 160, 48)
+        for (let i = 0; i < data.length; i += 4) {
+            if (Math.abs(data[i] - 240) < 30 && Math.abs(data[i + 1] - 160) < 40 && data[i + 2] < 110) curve++;
+        }
+        return curve;
+    }""")
+    assert drawn > 20, f"only {drawn} pixels of the smoothed curve drawn"
+    assert not [p for p in page.problems if "lora_ops" in p or "loraops" in p]
