@@ -120,11 +120,11 @@ def add_stack_node(page) -> int:
     return node_id
 
 
-def finished(server, prompt_id: str, timeout: float = 90) -> dict:
+def finished(url: str, prompt_id: str, timeout: float = 90) -> dict:
     """The prompt's history entry once the whole prompt has finished (the Train node ends before the Save node)."""
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
-        entry = get(server.url, f"/history/{prompt_id}").get(prompt_id)
+        entry = get(url, f"/history/{prompt_id}").get(prompt_id)
         if entry and entry.get("status", {}).get("status_str"):
             return entry
         time.sleep(0.2)
@@ -215,7 +215,7 @@ def test_the_train_nodes_loss_curve_follows_a_real_run(page, server):  # noqa: F
     with urllib.request.urlopen(request, timeout=20) as res:
         prompt_id = json.loads(res.read())["prompt_id"]
     view.filter(has_text="done").wait_for(timeout=90_000)
-    assert finished(server, prompt_id)["status"]["status_str"] == "success"
+    assert finished(server.url, prompt_id)["status"]["status_str"] == "success"
 
     steps = graph[str(train_id)]["inputs"]["steps"]
     assert re.fullmatch(rf"step {steps}/{steps} · loss [0-9.e+-]+ · lr [0-9.e+-]+ · done", view.inner_text().strip())
