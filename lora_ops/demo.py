@@ -10,10 +10,10 @@ The demo therefore works in latent space through a fixed linear map that depends
 (`lora_ops.testing.preview`: ComfyUI's SD 1.5 Latent2RGB preview projection, and its least-squares inverse to
 encode the training pictures): the LoRA trains on the encoded pictures, and the image grid shows the sampler's
 latents through that preview — the training image, then base / LoRA ×0.5 / ×1.0 / resized / combined / merged for
-one seed, each with its difference from base underneath. The report measures what the grid shows: how much the LoRA
-changes the picture, and that it moves it toward the training image (half-way at 0.5). Each stage prints one line
-with its key figure and records pass/fail checks; `report.html` (self-contained) and PNGs go to the output folder.
-The exit code is non-zero if any check fails.
+one seed, each with its difference from the training image underneath. The report measures what the grid shows:
+how much the LoRA changes the picture, and that it moves it toward the training image (half-way at 0.5). Each stage
+prints one line with its key figure and records pass/fail checks; `report.html` (self-contained) and PNGs go to the
+output folder. The exit code is non-zero if any check fails.
 """
 
 from __future__ import annotations
@@ -286,21 +286,22 @@ def run_demo(
 
     # 10. extract
     extracted, _ = extract(base_dir, baked_dir, 8, parts=("unet",))
-    weights = {k: dict(pipe.unet.named_modules())[path].weight.detach() for k, path in keymap.unet_canonical_keys(
-        pipe.unet, "sd1").items() if k in trained.layers}
+    modules = dict(pipe.unet.named_modules())
+    weights = {k: modules[path].weight.detach() for k, path in keymap.unet_canonical_keys(pipe.unet, "sd1").items()
+               if k in trained.layers}
+    deltas = {k: L.delta(layer) for k, layer in trained.layers.items()}
     # A ΔW far below fp32's resolution of its weight (the middle block's self-attention q/k see one token, so they
     # get no gradient) survives W + ΔW − W only to rounding: those are held to that, the others to 1e-3 relative.
-    faint = {k for k, layer in trained.layers.items()
-             if float(L.delta(layer).abs().max()) < 1e-4 * float(weights[k].abs().max())}
+    faint = {k for k, delta in deltas.items() if float(delta.abs().max()) < 1e-4 * float(weights[k].abs().max())}
     rel, rounding_ok = 0.0, True
-    for k, layer in trained.layers.items():
+    for k, delta in deltas.items():
         if k not in extracted.layers:
             continue
-        err = L.delta(extracted[k]) - L.delta(layer)
+        err = L.delta(extracted[k]) - delta
         if k in faint:
             rounding_ok &= float(err.abs().max()) <= 4 * torch.finfo(torch.float32).eps * float(weights[k].abs().max())
         else:
-            rel = max(rel, float(err.norm() / L.delta(layer).norm()))
+            rel = max(rel, float(err.norm() / delta.norm()))
     run.check("extract", "extracting base vs baked at rank 8 recovers the trained LoRA", set(extracted.layers) == set(
         trained.layers) and rel < 1e-3 and rounding_ok,
         f"max relative error {rel:.2e} over {len(extracted.layers) - len(faint)} layers; {len(faint)} layers whose "
