@@ -78,3 +78,40 @@ def test_demo_steps_must_be_a_positive_whole_number(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["demo", "--steps", bad])
         assert "--steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder", ["lora-ops", "ComfyUI-LoRA-Ops"])
+def test_tests_collect_from_a_clone_named_like_a_comfyui_pack(tmp_path, folder):
+    """The README's test command from a clone whose folder name is not a Python identifier (pytest then imports
+    the repo-root __init__.py as a plain module; it used to fail with 'attempted relative import')."""
+    import shutil
+    import subprocess
+
+    clone = tmp_path / folder
+    shutil.copytree(ROOT, clone, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".*_cache"))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_package.py",
+         "-k", "root_package_exports or library_never_imports"],
+        cwd=clone, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "2 passed" in run.stdout
+
+
+def test_pack_imports_as_comfyui_loads_it_from_any_folder_name(tmp_path):
+    """ComfyUI's load_custom_node: a module spec named after the folder, the folder as its search location."""
+    import importlib.util
+
+    link = tmp_path / "ComfyUI-LoRA-Ops"
+    link.symlink_to(ROOT, target_is_directory=True)
+    spec = importlib.util.spec_from_file_location(
+        "ComfyUI-LoRA-Ops", link / "__init__.py", submodule_search_locations=[str(link)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        assert "LoraOpsLoad" in module.NODE_CLASS_MAPPINGS and module.WEB_DIRECTORY == "./web"
+    finally:
+        for name in [n for n in sys.modules if n == spec.name or n.startswith(spec.name + ".")]:
+            del sys.modules[name]
