@@ -28,7 +28,7 @@ from typing import BinaryIO
 import torch
 from tqdm import tqdm
 
-from . import io
+from . import io, rounding
 from .errors import LoraFileError
 
 Tensor = torch.Tensor
@@ -119,7 +119,9 @@ class StreamWriter:
         if size > len(self._res):
             self._res = bytearray(size)
         result = torch.frombuffer(self._res, dtype=dst, count=acc.numel())
-        result.copy_(acc.reshape(-1))
+        flat = acc.reshape(-1)
+        # fp64 → fp16/bf16/fp8 would round twice through fp32; round-to-odd first makes it one rounding
+        result.copy_(rounding.fp32_round_to_odd(flat) if rounding.needs_odd_step(flat.dtype, dst) else flat)
         return result, memoryview(self._res)[:size]
 
     def cast(self, f: BinaryIO, pos: int, numel: int, dtypes: tuple[torch.dtype, torch.dtype], path: Path) -> None:

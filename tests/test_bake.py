@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -229,30 +230,79 @@ def test_diffusers_folder(tmp_path):
     assert no_temp_files(tmp_path)
 
 
-def test_fp8_fp64_and_integer_tensors(tmp_path):
+def exact_bake(w: torch.Tensor, layer: LoRALayer, strength: float = 1.0) -> list[list[Fraction]]:
+    """W + strength · (alpha/r) · up · down in exact rational arithmetic (no rounding anywhere)."""
+    up, down = layer.up.double().tolist(), layer.down.double().tolist()
+    s = Fraction(strength) * Fraction(layer.scale)
+    rows = w.double().tolist()
+    return [[Fraction(rows[i][j]) + s * sum(Fraction(up[i][k]) * Fraction(down[k][j]) for k in range(layer.rank))
+             for j in range(len(rows[0]))] for i in range(len(rows))]  # fmt: skip
+
+
+def test_fp8_fp16_bf16_fp64_and_integer_tensors_round_once_from_the_exact_value(tmp_path):
+    """Narrow dtypes: the stored result is the exact W + s·ΔW correctly rounded, bit for bit, on any CPU (the fp64
+    accumulation is far inside half an ulp, and the fp64 → narrow step rounds once). fp64 weights: the result is
+    within the fp64 accumulation's error bound of the exact value (there is nothing wider to round from)."""
+    from test_rounding import correctly_rounded
+
     g = torch.Generator().manual_seed(2)
     w = torch.randn(64, 32, generator=g) * 0.1
-    stored = {
-        "model.diffusion_model.input_blocks.1.1.proj_in.weight": w.to(torch.float8_e4m3fn),
-        "model.diffusion_model.input_blocks.1.1.proj_out.weight": w.double(),
-        "model.diffusion_model.input_blocks.1.1.proj_out.bias": w[0].half(),
-        "model.diffusion_model.steps": torch.arange(5),
-    }
+    dtypes = {"proj_in": torch.float8_e4m3fn, "proj_out": torch.float64, "ff.net.2": torch.float16,
+              "attn1.to_q": torch.bfloat16}  # fmt: skip
+    prefix = "model.diffusion_model.input_blocks.1.1."
+    module = {"proj_in": "proj_in", "proj_out": "proj_out", "ff.net.2": "transformer_blocks.0.ff.net.2",
+              "attn1.to_q": "transformer_blocks.0.attn1.to_q"}  # fmt: skip
+    shapes = {"proj_in": (64, 32), "proj_out": (64, 32), "ff.net.2": (64, 256), "attn1.to_q": (64, 64)}
+    stored = {f"{prefix}{module[m]}.weight": (torch.randn(*shapes[m], generator=g) * 0.1).to(dt)
+              for m, dt in dtypes.items()}  # fmt: skip
+    stored[f"{prefix}proj_out.bias"] = w[0].half()
+    stored["model.diffusion_model.steps"] = torch.arange(5)
     safetensors.torch.save_file(stored, str(tmp_path / "a.safetensors"))
-    layers = {f"unet.input_blocks.1.1.{m}": LoRALayer(torch.randn(2, 32, generator=g) * 0.1,
-                                                      torch.randn(64, 2, generator=g) * 0.1)
-              for m in ("proj_in", "proj_out")}  # fmt: skip
+    layers = {f"unet.input_blocks.1.1.{module[m]}": LoRALayer(torch.randn(2, shapes[m][1], generator=g) * 0.1,
+                                                              torch.randn(64, 2, generator=g) * 0.1, alpha=1.0)
+              for m in dtypes}  # fmt: skip
     lora = LoRA(layers)
-    bake(tmp_path / "a.safetensors", [(lora, 1.0, 1.0)], tmp_path / "b.safetensors", family="sd1")
+    bake(tmp_path / "a.safetensors", [(lora, 0.7, 1.0)], tmp_path / "b.safetensors", family="sd1")
     got = load(tmp_path / "b.safetensors")
-    for module in ("proj_in", "proj_out"):
-        name = f"model.diffusion_model.input_blocks.1.1.{module}.weight"
-        exp = stored[name].double() + layers[f"unet.input_blocks.1.1.{module}"].delta(torch.float64)
-        assert_within_ulp(got[name], exp.to(stored[name].dtype), name)
+    for m, dt in dtypes.items():
+        name = f"{prefix}{module[m]}.weight"
+        layer = layers[f"unet.input_blocks.1.1.{module[m]}"]
+        exact = exact_bake(stored[name], layer, 0.7)
+        out = got[name].double().tolist()
+        assert got[name].dtype == dt, name
+        if dt == torch.float64:
+            # |error| ≤ (r + 2)·eps·(|W| + |s|·Σ|up|·|down|): the classic bound for a dot product plus one add
+            mag = stored[name].abs() + 0.7 * layer.scale * (layer.up.double().abs() @ layer.down.double().abs())
+            bound = (layer.rank + 2) * torch.finfo(torch.float64).eps * mag
+            err = torch.tensor([[abs(float(Fraction(o) - e)) for o, e in zip(ro, re)] for ro, re in zip(out, exact)],
+                               dtype=torch.float64)  # fmt: skip
+            assert (err <= bound).all(), f"{name}: error {err.max().item():.3g} above the fp64 bound"
+        else:
+            expected = [[correctly_rounded(e, dt) for e in row] for row in exact]
+            wrong = sum(o != e for ro, re in zip(out, expected) for o, e in zip(ro, re))
+            assert wrong == 0, f"{name}: {wrong} elements not the correctly rounded exact value"
     assert torch.equal(got["model.diffusion_model.steps"], stored["model.diffusion_model.steps"])
     bake(tmp_path / "a.safetensors", [(lora, 1.0, 1.0)], tmp_path / "c.safetensors", family="sd1", dtype="bf16")
-    dtypes = {k: v.dtype for k, v in load(tmp_path / "c.safetensors").items()}
-    assert dtypes == {**dict.fromkeys(stored, torch.bfloat16), "model.diffusion_model.steps": torch.int64}
+    out_dtypes = {k: v.dtype for k, v in load(tmp_path / "c.safetensors").items()}
+    assert out_dtypes == {**dict.fromkeys(stored, torch.bfloat16), "model.diffusion_model.steps": torch.int64}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_bake_rounds_once_just_above_a_halfway_point(tmp_path, dtype):
+    """W = 1 and ΔW = half an ulp + 2^-40: the exact sum lies just above the halfway point between 1 and the next
+    value, so it rounds up. Rounding through fp32 first lands on the halfway point and then ties to even (1.0)."""
+    half_ulp = torch.finfo(dtype).eps / 2
+    name = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    stored = {name: torch.ones(8, 4, dtype=dtype)}
+    safetensors.torch.save_file(stored, str(tmp_path / "a.safetensors"))
+    signs = torch.tensor([1.0, -1.0] * 4)[:, None]
+    up = torch.cat([signs, signs], dim=1)  # (8, 2): ΔW rows are ±(half_ulp + 2^-40)
+    down = torch.tensor([[half_ulp] * 4, [2.0**-40] * 4])
+    lora = LoRA({"unet.input_blocks.1.1.proj_in": LoRALayer(down, up, alpha=2.0)})
+    bake(tmp_path / "a.safetensors", [(lora, 1.0, 1.0)], tmp_path / "b.safetensors", family="sd1")
+    got = load(tmp_path / "b.safetensors")[name].double()
+    up_value, down_value = 1 + 2 * half_ulp, 1 - half_ulp  # the neighbours of 1 above and below
+    assert got[0::2].eq(up_value).all() and got[1::2].eq(down_value).all(), got[:2]
 
 
 # ----------------------------------------------------------------------------------------------- refusals
