@@ -41,8 +41,9 @@ def test_packaging_installs_lora_ops_only_and_pins_torch():
 def test_readme_commands_are_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
-    assert blocks[0].strip().startswith("pip install -e \".[test]\" && lora-ops demo")
-    test_command = blocks[1].strip()
+    assert blocks[0].strip().startswith("git clone ")  # the clone and its venv come first
+    assert blocks[1].strip().startswith("pip install -e \".[test]\" && lora-ops demo")
+    test_command = blocks[2].strip()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in ci
 

@@ -34,6 +34,15 @@ def check_setup_and_demo(block: str) -> None:
     assert argv[0] in scripts and build_parser().parse_args(argv[1:]).command == "demo"
 
 
+def check_clone_and_venv(block: str) -> None:
+    """The clone URL is the project's (pyproject's Repository URL), the venv folder is one git ignores."""
+    urls = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
+    clone, venv = (line.split("#")[0].strip() for line in block.strip().splitlines())
+    assert clone == f"git clone {urls['Repository']} && cd {urls['Repository'].rsplit('/', 1)[-1]}"
+    assert venv.startswith("python3 -m venv .venv && . .venv/bin/activate")
+    assert ".venv/" in (ROOT / ".gitignore").read_text().split()
+
+
 def check_test_command(block: str) -> None:
     assert block.strip() in CI.splitlines()
 
@@ -42,7 +51,8 @@ def check_comfyui_install(block: str) -> None:
     """The ComfyUI install names requirements.txt, which must cover every third-party import of the pack (torch
     excepted: ComfyUI brings its own)."""
     lines = [line.split("#")[0].strip() for line in block.strip().splitlines()]
-    assert lines[0] == "cd ComfyUI/custom_nodes" and lines[1].startswith("git clone ")
+    urls = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
+    assert lines[0] == "cd ComfyUI/custom_nodes" and lines[1].startswith(f"git clone {urls['Repository']} ")
     folder = lines[1].split()[-1]
     assert lines[2] == f"pip install -r {folder}/requirements.txt"
     required = {re.split(r"[<>=~ ]", line.strip())[0].lower()
@@ -99,6 +109,7 @@ def check_layout(block: str) -> None:
 
 
 HANDLERS = [
+    ("bash", "git clone ", check_clone_and_venv),
     ("bash", 'pip install -e ".[test]" && lora-ops demo', check_setup_and_demo),
     ("bash", "python -m pytest -q", check_test_command),
     ("bash", "cd ComfyUI/custom_nodes", check_comfyui_install),
