@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from . import lora as L
-from .errors import LoraValueError
+from . import safe_json
+from .errors import LoraFormatError, LoraValueError
 from .inspect import TRIGGER_KEYS
 from .linalg import FactoredSVD, common_shape, delta_shape, dense_svd, flat_factors, sum_svd
 from .lora import Layer, LoRA, LoRALayer
@@ -403,17 +404,17 @@ def _merge_metadata(metas: Sequence[Mapping[str, str]]) -> dict[str, str]:
             out[key] = ", ".join(phrases)
     freq: dict[str, dict[str, int]] = {}
     for meta in metas:
-        for folder, tags in _json_dict(meta.get("ss_tag_frequency")).items():
+        for folder, tags in _json_dict(meta.get("ss_tag_frequency"), "ss_tag_frequency").items():
             if isinstance(tags, dict):
                 merged = freq.setdefault(str(folder), {})
                 for tag, n in tags.items():
-                    if isinstance(n, (int, float)):
+                    if isinstance(n, (int, float)) and not isinstance(n, bool) and abs(n) < 2**63:  # a count
                         merged[str(tag)] = merged.get(str(tag), 0) + int(n)
     if freq:
         out["ss_tag_frequency"] = json.dumps(freq)
     dirs: dict[str, object] = {}
     for meta in metas:
-        for folder, info in _json_dict(meta.get("ss_dataset_dirs")).items():
+        for folder, info in _json_dict(meta.get("ss_dataset_dirs"), "ss_dataset_dirs").items():
             dirs.setdefault(str(folder), info)
     if dirs:
         out["ss_dataset_dirs"] = json.dumps(dirs)
@@ -423,9 +424,12 @@ def _merge_metadata(metas: Sequence[Mapping[str, str]]) -> dict[str, str]:
     return out
 
 
-def _json_dict(text: str | None) -> dict:
-    try:
-        value = json.loads(text or "{}")
-    except json.JSONDecodeError:
+def _json_dict(text: str | None, key: str) -> dict:
+    """Informational metadata ``key`` as a JSON object; malformed (see `safe_json`) is logged and left out."""
+    if not text:
         return {}
-    return value if isinstance(value, dict) else {}
+    try:
+        return safe_json.loads_object(text, key=key)
+    except LoraFormatError as err:
+        log.warning("%s; not merged", err)
+        return {}

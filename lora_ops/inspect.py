@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,26 +13,45 @@ from pathlib import Path
 import torch
 
 from . import lora as L
+from . import safe_json
+from .errors import LoraFormatError
 from .lora import LoRA
 
 TRIGGER_KEYS = ("modelspec.trigger_phrase", "ss_trigger_words", "trigger_words", "trigger_phrase")
 
 
-def trigger_words(metadata: Mapping[str, str], top: int = 10) -> list[str]:
-    """Trigger phrases from modelspec/kohya metadata, then the most frequent training tags (``ss_tag_frequency``)."""
+def trigger_words(metadata: Mapping[str, str], top: int = 10, problems: list[str] | None = None) -> list[str]:
+    """Trigger phrases from modelspec/kohya metadata, then the most frequent training tags (``ss_tag_frequency``).
+
+    The metadata is informational, so a malformed ``ss_tag_frequency`` (bad JSON, NaN, absurd numbers, deep
+    nesting, wrong types) never makes this fail: its tags are left out and, when ``problems`` is given, a line
+    saying why is appended to it.
+    """
     words: list[str] = []
     for key in TRIGGER_KEYS:
         if metadata.get(key):
             words += [w.strip() for w in metadata[key].split(",") if w.strip()]
-    try:
-        freq = json.loads(metadata.get("ss_tag_frequency") or "{}")
-    except json.JSONDecodeError:
-        freq = {}
+    freq: object = {}
+    if metadata.get("ss_tag_frequency"):
+        try:
+            freq = safe_json.loads_object(metadata["ss_tag_frequency"], key="ss_tag_frequency")
+        except LoraFormatError as err:
+            if problems is not None:
+                problems.append(str(err))
     counts: Counter[str] = Counter()
-    if isinstance(freq, dict):
-        for tags in freq.values():
-            if isinstance(tags, dict):
-                counts.update({str(t).strip(): int(n) for t, n in tags.items() if isinstance(n, (int, float))})
+    skipped = 0
+    for tags in freq.values() if isinstance(freq, dict) else ():
+        if not isinstance(tags, dict):
+            skipped += 1
+            continue
+        for t, n in tags.items():
+            if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n):
+                skipped += 1
+                continue
+            counts[str(t).strip()] += int(n)
+    if skipped and problems is not None:
+        problems.append(f"key 'ss_tag_frequency': {skipped} entr{'y' if skipped == 1 else 'ies'} ignored "
+                        "(not a folder → {tag: count} object of numbers)")
     words += [t for t, _ in counts.most_common(top) if t and t not in words]
     return words
 
@@ -52,6 +71,7 @@ def inspect_lora(lora: LoRA, file: str | Path | None = None) -> dict:
     kinds = Counter(
         "dora" if getattr(layer, "dora_scale", None) is not None else layer.kind for layer in lora.layers.values()
     )
+    problems: list[str] = []  # malformed informational metadata: reported, never fatal
     report = {
         "file": str(file) if file else None,
         "file_bytes": Path(file).stat().st_size if file and Path(file).is_file() else None,
@@ -67,7 +87,8 @@ def inspect_lora(lora: LoRA, file: str | Path | None = None) -> dict:
         "parameters": L.num_params(lora),
         "tensor_bytes": L.nbytes(lora),
         "non_finite_layers": non_finite_layers(lora),
-        "trigger_words": trigger_words(lora.metadata),
+        "trigger_words": trigger_words(lora.metadata, problems=problems),
+        "metadata_problems": problems,
         "metadata": {k: (v if len(v) <= 200 else v[:200] + "…") for k, v in sorted(lora.metadata.items())},
     }
     return report
@@ -90,5 +111,7 @@ def format_report(report: Mapping) -> str:
     bad = report["non_finite_layers"]
     lines.append(f"WARNING: NaN/Inf in {len(bad)} layer(s): {', '.join(bad[:5])}" if bad else "NaN/Inf: none")
     meta = report["metadata"]
-    lines.append(f"metadata: {len(meta)} key(s)" + (": " + ", ".join(list(meta)[:12]) if meta else ""))
+    lines.append(f"metadata: {len(meta)} key(s)" + (": " + ", ".join(list(meta)[:12]) if meta else "")
+                 + (f" … (+{len(meta) - 12} more; the JSON report lists all)" if len(meta) > 12 else ""))
+    lines += [f"WARNING: metadata problem: {p}" for p in report.get("metadata_problems") or ()]
     return "\n".join(line for line in lines if line)

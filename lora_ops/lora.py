@@ -11,8 +11,10 @@ Naming follows PEFT: A = ``down`` (r×k, conv r×in×kh×kw), B = ``up`` (d×r, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from numbers import Real
 from types import MappingProxyType
 
 import torch
@@ -20,6 +22,54 @@ import torch
 from .errors import LoraFormatError
 
 Tensor = torch.Tensor
+
+COMPUTE_DTYPES: frozenset[torch.dtype] = frozenset(
+    getattr(torch, name)
+    for name in ("float16", "bfloat16", "float32", "float64",
+                 "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
+"""Factor dtypes a layer accepts: every op upcasts them (``.to(float32)``) before computing.
+
+Refused: integers, bool and complex (not weights: ΔW would be rounded or complex), float4_e2m1fn_x2 (torch cannot
+convert it to anything) and float8_e8m0fnu (a power-of-two *scale* format with no sign and no zero, used beside
+MX-quantised weights, never a weight itself).
+"""
+
+
+def check_factor(role: str, t: object, ndims: tuple[int, ...], *, nonempty: bool = True) -> Tensor:
+    """Refuse a factor that no op could compute with: not a tensor, wrong dtype or ndim, an empty dimension.
+
+    Errors carry ``key=role`` (``"down"``, ``"hada_w1_a"`` …); readers replace it with the file's key.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise LoraFormatError(f"{role} must be a tensor, got {type(t).__name__}", key=role)
+    if t.dtype not in COMPUTE_DTYPES:
+        raise LoraFormatError(
+            f"{role} has dtype {str(t.dtype).removeprefix('torch.')}, not a floating dtype LoRA weights can use",
+            key=role, hint="supported: " + ", ".join(sorted(str(d).removeprefix("torch.") for d in COMPUTE_DTYPES)),
+        )
+    if t.ndim not in ndims:
+        want = " or ".join(f"{n}-D" for n in ndims)
+        raise LoraFormatError(f"{role} must be {want}, got shape {tuple(t.shape)}", key=role)
+    if nonempty and t.numel() == 0:
+        raise LoraFormatError(f"{role} has an empty dimension: shape {tuple(t.shape)}", key=role)
+    return t
+
+
+def check_alpha(alpha: object) -> float | None:
+    """alpha as a finite float (None stays None); bool, non-numbers and NaN/±Inf are refused."""
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, Real):
+        raise LoraFormatError(f"alpha must be a number, got {type(alpha).__name__}", key="alpha")
+    try:
+        value = float(alpha)
+    except OverflowError:  # an int beyond float range
+        value = math.inf
+    if not math.isfinite(value):
+        raise LoraFormatError(f"alpha must be finite, got {value}", key="alpha")
+    return value
 
 
 @dataclass(frozen=True)
@@ -38,17 +88,35 @@ class LoRALayer:
     dora_scale: Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.down.ndim not in (2, 4) or self.up.ndim not in (2, 4):
-            raise LoraFormatError(
-                f"down/up must be 2-D (linear) or 4-D (conv), got {tuple(self.down.shape)} and {tuple(self.up.shape)}"
-            )
+        """Every factor checked once, when the layer is made, so that `delta` and linalg cannot fail in torch."""
+        check_factor("down", self.down, (2, 4), nonempty=False)
+        check_factor("up", self.up, (2, 4), nonempty=False)
         r_down, r_up = self.down.shape[0], self.up.shape[1]
         if r_down != r_up:
             raise LoraFormatError(f"mismatched ranks: down has rank {r_down}, up has rank {r_up}")
         if r_down == 0:
             raise LoraFormatError("rank 0: the layer has no components")
-        if self.mid is not None and tuple(self.mid.shape[:2]) != (r_down, r_down):
-            raise LoraFormatError(f"Tucker mid {tuple(self.mid.shape)} does not match rank {r_down}")
+        check_factor("down", self.down, (2, 4))
+        check_factor("up", self.up, (2, 4))
+        if self.up.ndim == 4 and tuple(self.up.shape[2:]) != (1, 1):
+            raise LoraFormatError(f"up of a conv layer must be out×r×1×1, got {tuple(self.up.shape)}", key="up")
+        if self.mid is not None:
+            check_factor("mid", self.mid, (4,))
+            if tuple(self.mid.shape[:2]) != (r_down, r_down):
+                raise LoraFormatError(f"Tucker mid {tuple(self.mid.shape)} does not match rank {r_down}", key="mid")
+            if self.down.ndim != 4 or tuple(self.down.shape[2:]) != (1, 1):
+                raise LoraFormatError(
+                    f"with a Tucker mid, down must be r×in×1×1, got {tuple(self.down.shape)}", key="down"
+                )
+        if self.dora_scale is not None:
+            check_factor("dora_scale", self.dora_scale, (1, 2, 3, 4))
+            sizes = {int(self.up.shape[0]), int(self.down.shape[1])}
+            if self.dora_scale.numel() not in sizes:
+                raise LoraFormatError(
+                    f"dora_scale of shape {tuple(self.dora_scale.shape)} fits neither the {self.up.shape[0]} outputs "
+                    f"nor the {self.down.shape[1]} inputs of the layer", key="dora_scale",
+                )
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
 
     kind = "lora"
 
@@ -112,9 +180,12 @@ class LycorisLayer:
     alpha: float | None = None
 
     def __post_init__(self) -> None:
+        """Parts, dtypes and shapes checked once, when the layer is made, so that `delta` cannot fail in torch."""
         if self.kind not in ("loha", "lokr"):
             raise LoraFormatError(f"unknown LyCORIS layer kind '{self.kind}'")
         object.__setattr__(self, "parts", MappingProxyType(dict(self.parts)))
+        lycoris_delta_shape(self.kind, self.parts)
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
 
     @property
     def rank(self) -> int:
@@ -156,7 +227,8 @@ class LycorisLayer:
             w2 = _tucker_or_matmul(p.get("lokr_t2"), p["lokr_w2_a"], p["lokr_w2_b"])
         if w2.ndim == 4:
             w1 = w1[:, :, None, None]  # (a, b, 1, 1): kron over channel dims only
-        return torch.kron(w1, w2) * self.scale
+        # contiguous: torch.kron views its inputs, which fails on the permuted einsum output of a Tucker w2
+        return torch.kron(w1.contiguous(), w2.contiguous()) * self.scale
 
     def scaled(self, weight: float) -> LycorisLayer:
         if weight == 1.0:
@@ -165,6 +237,73 @@ class LycorisLayer:
         parts = dict(self.parts)
         parts[name] = (parts[name].float() * weight).to(parts[name].dtype)
         return replace(self, parts=parts)
+
+
+LYCORIS_PART_NAMES = {
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+}
+
+
+def lycoris_delta_shape(kind: str, parts: Mapping[str, Tensor]) -> tuple[int, ...]:
+    """The shape `LycorisLayer.delta` will return, or a `LoraFormatError` naming the part that does not fit.
+
+    Checks each part's dtype and ndim, that exactly one spelling of each factor is present (a full ``lokr_w1``
+    *and* ``lokr_w1_a``/``_b`` would leave one unused), and that the factors multiply: LoHa's two Hadamard
+    factors must have the same shape (torch would otherwise broadcast them into something else or fail).
+    """
+    names = LYCORIS_PART_NAMES[kind]
+    unknown = sorted(set(parts) - set(names))
+    if unknown:
+        raise LoraFormatError(f"{kind} layer has unknown parts {unknown}", key=unknown[0])
+    present = set(parts)
+
+    def need(*required: str) -> None:
+        if set(required) - present:
+            raise LoraFormatError(f"{kind} layer lacks {sorted(set(required) - present)}")
+
+    if kind == "loha":
+        need("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        w1 = _factor_shape(parts, "hada_w1_a", "hada_w1_b", "hada_t1")
+        w2 = _factor_shape(parts, "hada_w2_a", "hada_w2_b", "hada_t2")
+        if w1 != w2:
+            raise LoraFormatError(f"loha factors do not match: w1a·w1b is {w1}, w2a·w2b is {w2}", key="hada_w2_a")
+        return w1
+    for full, a, b in (("lokr_w1", "lokr_w1_a", "lokr_w1_b"), ("lokr_w2", "lokr_w2_a", "lokr_w2_b")):
+        if full in present and present & {a, b}:
+            raise LoraFormatError(f"lokr layer has both {full} and {sorted(present & {a, b})}: one would be unused",
+                                  key=full)
+        if full not in present:
+            need(a, b)
+    if "lokr_t2" in present and "lokr_w2" in present:
+        raise LoraFormatError("lokr layer has both lokr_t2 and a full lokr_w2: lokr_t2 would be unused", key="lokr_t2")
+    if "lokr_w1" in present:
+        w1 = tuple(check_factor("lokr_w1", parts["lokr_w1"], (2,)).shape)
+    else:
+        w1 = _factor_shape(parts, "lokr_w1_a", "lokr_w1_b", None)
+    if "lokr_w2" in present:
+        w2 = tuple(check_factor("lokr_w2", parts["lokr_w2"], (2, 4)).shape)
+    else:
+        w2 = _factor_shape(parts, "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    if len(w2) == 4:
+        return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+    return (w1[0] * w2[0], w1[1] * w2[1])
+
+
+def _factor_shape(parts: Mapping[str, Tensor], a: str, b: str, t: str | None) -> tuple[int, ...]:
+    """Shape of ``a @ b`` (2-D factors), or of the Tucker product when part ``t`` is present."""
+    ta = check_factor(a, parts[a], (2,))
+    tb = check_factor(b, parts[b], (2,))
+    if t is not None and t in parts:
+        tt = check_factor(t, parts[t], (4,))
+        # LyCORIS Tucker: t (r1, r2, kh, kw), a (r1, out), b (r2, in) → (out, in, kh, kw)
+        if tt.shape[0] != ta.shape[0] or tt.shape[1] != tb.shape[0]:
+            raise LoraFormatError(f"Tucker core {t} {tuple(tt.shape)} does not fit {a} {tuple(ta.shape)} and "
+                                  f"{b} {tuple(tb.shape)}", key=t)
+        return (int(ta.shape[1]), int(tb.shape[1]), *map(int, tt.shape[2:]))
+    if ta.shape[1] != tb.shape[0]:
+        raise LoraFormatError(f"{a} {tuple(ta.shape)} and {b} {tuple(tb.shape)} do not multiply", key=b)
+    return (int(ta.shape[0]), int(tb.shape[1]))
 
 
 def _tucker_or_matmul(t: Tensor | None, a: Tensor, b: Tensor) -> Tensor:

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import lora as L
+from . import safe_json
+from .errors import LoraFormatError
 from .linalg import FactoredSVD, layer_svd
 from .lora import Layer, LoRA, LoRALayer
 from .progress import Progress, track
@@ -260,8 +262,9 @@ def updated_metadata(metadata: Mapping[str, str], out: LoRA, comment: str) -> di
     meta.update(dims)
     if conv and meta.get("ss_network_args"):
         try:
-            args = json.loads(meta["ss_network_args"])
-        except json.JSONDecodeError:
+            args = safe_json.loads_object(meta["ss_network_args"], key="ss_network_args")
+        except LoraFormatError as err:  # informational: a malformed value is kept as it was, not fatal
+            log.warning("%s; left unchanged", err)
             args = None
         if isinstance(args, dict) and "conv_dim" in args:
             args.update(conv)

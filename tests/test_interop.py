@@ -134,3 +134,27 @@ def test_math_outputs_load_in_diffusers_with_every_key(tmp_path, warnings_log, o
     worst = max((deltas[k] - L.delta(layer).reshape(deltas[k].shape)).abs().max().item()
                 for k, layer in out.layers.items())
     assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_adapter_folder_reads_with_peft_scaling(tmp_path, use_rslora):
+    """A PEFT adapter folder written by PEFT itself (save_pretrained) reads to the ΔW PEFT applies: alpha/r, or
+    alpha/√r with rsLoRA (which an earlier reader ignored, loading such files √r times too weak)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lora_ops.files import load_lora
+
+    torch.manual_seed(0)
+    block = torch.nn.ModuleDict({"proj_in": torch.nn.Linear(12, 16)})  # SD 1.x's input_blocks.1.1.proj_in
+    base = torch.nn.ModuleDict({"input_blocks": torch.nn.ModuleDict({"1": torch.nn.ModuleDict({"1": block})})})
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=["proj_in"], use_rslora=use_rslora,
+                        init_lora_weights=False)
+    model = get_peft_model(base, config)
+    model.save_pretrained(tmp_path / "adapter")
+    layer = model.base_model.model.input_blocks["1"]["1"]["proj_in"]
+    expected = layer.get_delta_weight("default")  # PEFT's own ΔW, scaling included
+    lora = load_lora(tmp_path / "adapter", family="sd1")
+    (key,) = lora.layers
+    assert key == "unet.input_blocks.1.1.proj_in"
+    torch.testing.assert_close(L.delta(lora.layers[key]), expected, rtol=1e-6, atol=1e-7)

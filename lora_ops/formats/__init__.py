@@ -83,7 +83,7 @@ def read_lora(
             raise LoraFormatError(
                 f"{len(unused)} key(s) not understood as {name} LoRA weights: {shown}",
                 file=file,
-                hint="pass strict=False / --lenient to load the rest and list these",
+                hint="pass strict=False to load the rest and list these",
             )
         log.warning("%s: %d key(s) not used: %s", file or "<state dict>", len(unused), shown)
     if not lora.layers:

@@ -13,7 +13,7 @@ import torch
 
 from ..lora import LoRA
 from . import names
-from .layers import ANY_SUFFIXES, build_layer, group_by_module, layer_tensors
+from .layers import ANY_SUFFIXES, LayerTable, group_by_module, layer_tensors
 
 UNET_PREFIX = "diffusion_model."
 TE_PREFIXES = {"te1": "text_encoders.clip_l.transformer.", "te2": "text_encoders.clip_g.transformer."}
@@ -26,7 +26,7 @@ def detect(keys: list[str], metadata: Mapping[str, str]) -> bool:
 def read(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *, family: str | None, file: str | None
 ) -> tuple[LoRA, list[str]]:
-    modules, unused = group_by_module(tensors, ANY_SUFFIXES)
+    modules, unused = group_by_module(tensors, ANY_SUFFIXES, file=file)
     located: dict[str, tuple[str, str]] = {}
     for module in list(modules):
         if module.startswith(UNET_PREFIX):
@@ -39,12 +39,12 @@ def read(
         located[module] = (part, module[len(TE_PREFIXES[part]) :])
     fam = names.guess_family([p for part, p in located.values() if part == "unet"],
                              (part for part, _ in located.values()), family)
-    layers = {}
+    table = LayerTable(tensors, file=file)
     for module, roles in modules.items():
         part, path = located[module]
         key = names.unet_key(path, fam, file=file) if part == "unet" else names.te_key(part, path)
-        layers[key] = build_layer({r: tensors[k] for r, k in roles.items()}, file=file, module=module)
-    return LoRA(layers, dict(metadata), family=fam, source_format="comfyui"), unused
+        table.add(key, module, roles)
+    return LoRA(table.layers, dict(metadata), family=fam, source_format="comfyui"), unused
 
 
 def write(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

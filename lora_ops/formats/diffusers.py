@@ -12,16 +12,19 @@ a PEFT folder) is stored in the metadata key ``adapter_config`` when we write a 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from .. import safe_json
 from ..errors import LoraFormatError
 from ..lora import LoRA
 from . import names
-from .layers import PEFT_SUFFIXES, build_layer, group_by_module, layer_tensors
+from .layers import PEFT_SUFFIXES, LayerTable, group_by_module, layer_tensors
 
 COMPONENTS = {"unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2"}
 PARTS = {v: k for k, v in COMPONENTS.items()}
@@ -45,25 +48,64 @@ def names_has_suffix(key: str) -> bool:
 
 
 def _json_metadata(metadata: Mapping[str, str], key: str, file: str | None) -> dict:
+    """Metadata ``key`` parsed as a JSON object by `safe_json` (every refusal names the file and the key)."""
     raw = metadata.get(key)
     if not raw:
         return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise LoraFormatError(f"metadata '{key}' is not valid JSON ({err.msg})", file=file) from None
-    if not isinstance(value, dict):
-        raise LoraFormatError(f"metadata '{key}' must be a JSON object", file=file)
-    return value
+    return safe_json.loads_object(raw, file=file, key=key)
 
 
-def _alpha_for(path: str, config: Mapping) -> float | None:
-    """PEFT semantics: an ``alpha_pattern`` entry matching the module (full name or dotted suffix) wins."""
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if path == pattern or path.endswith("." + pattern):
-            return float(alpha)
-    alpha = config.get("lora_alpha")
-    return None if alpha is None else float(alpha)
+@dataclass(frozen=True)
+class PeftAlphas:
+    """The fields of a PEFT ``LoraConfig`` that set a layer's alpha, validated once per config."""
+
+    lora_alpha: float | None = None
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+
+    def alpha_for(self, path: str) -> float | None:
+        """PEFT semantics: an ``alpha_pattern`` entry matching the module (full name or dotted suffix) wins."""
+        for pattern, alpha in self.alpha_pattern.items():
+            if path == pattern or path.endswith("." + pattern):
+                return alpha
+        return self.lora_alpha
+
+    def layer_alpha(self, path: str, roles: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> float | None:
+        """The alpha that gives this layer PEFT's scale in our ΔW = (alpha / r)·B·A.
+
+        rsLoRA (``use_rslora``) scales by alpha / √r instead of alpha / r; the same ΔW in our convention is
+        alpha' = alpha·√r. Ignoring the flag would load such a file √r times too weak (4× at rank 16).
+        """
+        alpha = self.alpha_for(path)
+        down = tensors.get(roles.get("down", ""))
+        if not self.use_rslora or down is None or down.ndim == 0:
+            return alpha  # a missing or malformed factor is reported by build_layer
+        rank = int(down.shape[0])
+        return (rank if alpha is None else alpha) * math.sqrt(rank)
+
+
+def peft_alphas(config: Mapping, *, file: str | Path | None, key: str | None, prefix: str = "") -> PeftAlphas:
+    """Validate the rank and alpha fields of a LoraConfig dict (named ``prefix`` + field) and return its alphas.
+
+    ``r`` and ``rank_pattern`` values must be integers ≥ 1, ``lora_alpha`` and ``alpha_pattern`` values finite
+    numbers (``bool`` is not a number; null means "not set"). Fields we do not read are left alone. ``r`` and
+    ``rank_pattern`` are only checked: a layer's rank is its tensors' shape.
+    """
+    where = {"file": file, "key": key}
+    r = config.get(prefix + "r")
+    if r is not None:
+        safe_json.positive_int(r, field=prefix + "r", **where)
+    safe_json.positive_int_map(config.get(prefix + "rank_pattern"), field=prefix + "rank_pattern", **where)
+    alpha = config.get(prefix + "lora_alpha")
+    rslora = config.get(prefix + "use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise LoraFormatError(f"'{prefix}use_rslora' must be true or false, got {rslora!r}", **where)
+    return PeftAlphas(
+        lora_alpha=None if alpha is None else safe_json.finite_number(alpha, field=prefix + "lora_alpha", **where),
+        alpha_pattern=safe_json.number_map(config.get(prefix + "alpha_pattern"), field=prefix + "alpha_pattern",
+                                           **where),
+        use_rslora=rslora,
+    )
 
 
 def _component_paths(component: str, path: str, family: str | None, *, file: str | None) -> str:
@@ -75,7 +117,8 @@ def read(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *, family: str | None, file: str | None
 ) -> tuple[LoRA, list[str]]:
     config = _json_metadata(metadata, ADAPTER_METADATA, file)
-    modules, unused = group_by_module(tensors, PEFT_SUFFIXES)
+    alphas = {c: peft_alphas(config, file=file, key=ADAPTER_METADATA, prefix=c + ".") for c in COMPONENTS}
+    modules, unused = group_by_module(tensors, PEFT_SUFFIXES, file=file)
     located: dict[str, tuple[str, str]] = {}
     for module in list(modules):
         component, _, path = module.partition(".")
@@ -86,17 +129,13 @@ def read(
     fam = names.guess_family(
         [p for c, p in located.values() if c == "unet"], (COMPONENTS[c] for c, _ in located.values()), family
     )
-    layers = {}
+    table = LayerTable(tensors, file=file)
     for module, roles in modules.items():
         component, path = located[module]
-        role_tensors = {r: tensors[k] for r, k in roles.items()}
-        layer = build_layer(role_tensors, file=file, module=module)
-        if layer.alpha is None and config:
-            sub = {k.removeprefix(component + "."): v for k, v in config.items() if k.startswith(component + ".")}
-            layer = replace(layer, alpha=_alpha_for(path, sub))
-        layers[_component_paths(component, path, fam, file=file)] = layer
+        table.add(_component_paths(component, path, fam, file=file), module, roles,
+                  alpha=alphas[component].layer_alpha(path, roles, tensors))
     user_meta = {k: v for k, v in metadata.items() if k not in META_KEYS}
-    return LoRA(layers, user_meta, family=fam, source_format="diffusers"), unused
+    return LoRA(table.layers, user_meta, family=fam, source_format="diffusers"), unused
 
 
 def _peft_config(paths_layers: list[tuple[str, object]]) -> dict:
@@ -157,22 +196,21 @@ def read_peft(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *, family: str | None, file: str | None
 ) -> tuple[LoRA, list[str]]:
     config = _json_metadata(metadata, PEFT_CONFIG, file)
+    alphas = peft_alphas(config, file=file, key=PEFT_CONFIG)
     component = metadata.get("lora_ops.component") or ""
-    modules, unused = group_by_module(tensors, PEFT_SUFFIXES, prefix=PEFT_PREFIX)
+    modules, unused = group_by_module(tensors, PEFT_SUFFIXES, prefix=PEFT_PREFIX, file=file)
     if not component:
         is_te = any(m.startswith(("text_model.", "encoder.layers.")) for m in modules)
         component = "text_encoder" if is_te else "unet"
     if component not in COMPONENTS:
         raise LoraFormatError(f"unknown component '{component}' in metadata 'lora_ops.component'", file=file)
     fam = names.guess_family(list(modules) if component == "unet" else [], [COMPONENTS[component]], family)
-    layers = {}
+    table = LayerTable(tensors, file=file)
     for module, roles in modules.items():
-        layer = build_layer({r: tensors[k] for r, k in roles.items()}, file=file, module=module)
-        if layer.alpha is None and config:
-            layer = replace(layer, alpha=_alpha_for(module, config))
-        layers[_component_paths(component, module, fam, file=file)] = layer
+        table.add(_component_paths(component, module, fam, file=file), module, roles,
+                  alpha=alphas.layer_alpha(module, roles, tensors))
     user_meta = {k: v for k, v in metadata.items() if k not in (PEFT_CONFIG, "lora_ops.component", "format")}
-    return LoRA(layers, user_meta, family=fam, source_format="peft"), unused
+    return LoRA(table.layers, user_meta, family=fam, source_format="peft"), unused
 
 
 def write_peft(lora: LoRA, *, component: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -182,7 +220,7 @@ def write_peft(lora: LoRA, *, component: str | None = None) -> tuple[dict[str, t
         if len(comps) > 1:
             raise LoraFormatError(
                 f"a PEFT file holds one model, this LoRA has {sorted(comps)}",
-                hint="pick one with component=… / --component, or write diffusers format",
+                hint="pick one with component=…, or write diffusers format",
             )
         component = next(iter(comps), "unet")
     out: dict[str, torch.Tensor] = {}

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 import torch
 
 from .. import keymap
+from ..errors import LoraFormatError
 from ..lora import LoRA
 from . import names
-from .layers import KOHYA_SUFFIXES, LYCORIS_PARTS, build_layer, group_by_module, layer_tensors
+from .layers import KOHYA_SUFFIXES, LYCORIS_PARTS, LayerTable, group_by_module, layer_tensors
 
 PART_PREFIXES = {"lora_unet_": "unet", "lora_te_": "te1", "lora_te1_": "te1", "lora_te2_": "te2"}
 
@@ -40,7 +41,7 @@ def _part_of(module: str) -> tuple[str, str] | None:
 def read(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *, family: str | None, file: str | None
 ) -> tuple[LoRA, list[str]]:
-    modules, unused = group_by_module(tensors, KOHYA_SUFFIXES)
+    modules, unused = group_by_module(tensors, KOHYA_SUFFIXES, file=file)
     located: dict[str, tuple[str, str]] = {}  # flat module → (part, dotted path)
     for module in list(modules):
         found = _part_of(module)
@@ -48,16 +49,19 @@ def read(
             unused.extend(modules.pop(module).values())
             continue
         part, flat = found
-        located[module] = (part, keymap.kohya_to_dotted(flat))
+        try:
+            located[module] = (part, keymap.kohya_to_dotted(flat))
+        except LoraFormatError as err:
+            raise LoraFormatError(err.reason, file=file, key=module, hint=err.hint) from None
     unet_paths = [p for part, p in located.values() if part == "unet"]
     fam = names.guess_family(unet_paths, (part for part, _ in located.values()), family)
-    layers = {}
+    table = LayerTable(tensors, file=file)
     for module, roles in modules.items():
         part, path = located[module]
         key = names.unet_key(path, fam, file=file) if part == "unet" else names.te_key(part, path)
-        layers[key] = build_layer({r: tensors[k] for r, k in roles.items()}, file=file, module=module)
-    fmt = "lycoris" if any(layer.kind != "lora" for layer in layers.values()) else "kohya"
-    return LoRA(layers, dict(metadata), family=fam, source_format=fmt), unused
+        table.add(key, module, roles)
+    fmt = "lycoris" if any(layer.kind != "lora" for layer in table.layers.values()) else "kohya"
+    return LoRA(table.layers, dict(metadata), family=fam, source_format=fmt), unused
 
 
 def write(lora: LoRA, *, unet_style: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -7,19 +7,17 @@ key is either consumed into a layer or reported — never silently dropped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
 
 from ..errors import LoraFormatError
-from ..lora import Layer, LoRALayer, LycorisLayer
+from ..lora import COMPUTE_DTYPES, LYCORIS_PART_NAMES, Layer, LoRALayer, LycorisLayer
 
 Tensor = torch.Tensor
 
-LYCORIS_PARTS = {
-    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
-    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
-}
+LYCORIS_PARTS = LYCORIS_PART_NAMES
 
 # Suffix → role. Roles: down, up, mid, alpha, dora_scale, or a LyCORIS part name.
 KOHYA_SUFFIXES = {
@@ -49,11 +47,13 @@ def split_key(key: str, suffixes: Mapping[str, str]) -> tuple[str, str] | None:
 
 
 def group_by_module(
-    keys: Iterable[str], suffixes: Mapping[str, str], prefix: str = ""
+    keys: Iterable[str], suffixes: Mapping[str, str], prefix: str = "", *, file: str | None = None
 ) -> tuple[dict[str, dict[str, str]], list[str]]:
     """Group source keys by module: {module: {role: source_key}}, plus the keys that matched no role.
 
-    Only keys starting with ``prefix`` are considered (the prefix is stripped from the module name).
+    Only keys starting with ``prefix`` are considered (the prefix is stripped from the module name). Two keys
+    giving one module the same role (``x.lora_A.weight`` and ``x.lora.down.weight``) are an error naming both:
+    keeping either would silently drop the other.
     """
     modules: dict[str, dict[str, str]] = {}
     unused = []
@@ -66,53 +66,98 @@ def group_by_module(
             unused.append(key)
             continue
         module, role = split
-        modules.setdefault(module, {})[role] = key
+        roles = modules.setdefault(module, {})
+        if role in roles:
+            raise LoraFormatError(
+                f"is the {role} of module '{module}' a second time (also given by '{roles[role]}')",
+                file=file, key=key, hint="the file spells one tensor two ways; remove one of the two keys",
+            )
+        roles[role] = key
     return modules, unused
 
 
-def build_layer(roles: Mapping[str, Tensor], *, file: str | None, module: str) -> Layer:
-    """Make a layer from its tensors by role; a clear error names the module when parts are missing."""
-    alpha = _alpha_value(roles.get("alpha"), file=file, module=module)
+class LayerTable:
+    """The layers one reader builds, by canonical key — the one place every reader inserts a layer.
+
+    Two source modules that land on the same canonical key (kohya's diffusers- and LDM-spelled UNet names for one
+    module, ``lora_te_`` and ``lora_te1_``, a text-encoder path with and without ``text_model.``) are an error
+    naming a key of each: a dict insert would silently keep one and drop the other.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor], *, file: str | None) -> None:
+        self.tensors = tensors
+        self.file = file
+        self.layers: dict[str, Layer] = {}
+        self._origin: dict[str, str] = {}
+
+    def add(self, key: str, module: str, roles: Mapping[str, str], *, alpha: float | None = None) -> Layer:
+        """Build the layer of ``module`` from its source keys by role and insert it under canonical ``key``.
+
+        ``alpha`` is used when the module has no alpha tensor (diffusers/PEFT config alphas).
+        """
+        origin = roles.get("down") or min(roles.values())
+        if key in self._origin:
+            raise LoraFormatError(
+                f"is the same layer '{key}' as '{self._origin[key]}' (one module spelled two ways in one file; "
+                "loading both would silently drop one)",
+                file=self.file, key=origin, hint="remove one of the two copies",
+            )
+        layer = build_layer({r: self.tensors[k] for r, k in roles.items()}, file=self.file, module=module,
+                            sources=roles, alpha=alpha)
+        self.layers[key] = layer
+        self._origin[key] = origin
+        return layer
+
+
+def build_layer(
+    roles: Mapping[str, Tensor],
+    *,
+    file: str | None,
+    module: str,
+    sources: Mapping[str, str] | None = None,
+    alpha: float | None = None,
+) -> Layer:
+    """Make a layer from its tensors by role; a clear error names the module when parts are missing.
+
+    Every factor is validated here, once (`LoRALayer` / `LycorisLayer` check dtype, ndim and that the shapes
+    multiply); an error names the source key of the offending tensor (``sources``: role → key) or the module.
+    ``alpha`` is the layer's alpha when ``roles`` has no alpha tensor.
+    """
+    sources = sources or {}
+    if "alpha" in roles:
+        alpha = _alpha_value(roles["alpha"], file=file, key=sources.get("alpha", module))
     present = set(roles) - {"alpha"}
-    for kind, parts in LYCORIS_PARTS.items():
-        if present & set(parts):
-            if present - set(parts):
-                raise LoraFormatError(
-                    f"mixes {kind} parts with {sorted(present - set(parts))}", file=file, key=module
-                )
-            _check_lycoris(kind, present, file=file, module=module)
-            return LycorisLayer(kind=kind, parts={p: roles[p] for p in present}, alpha=alpha)
-    missing = {"down", "up"} - present
-    if missing:
-        raise LoraFormatError(f"has no {'/'.join(sorted(missing))} weight", file=file, key=module,
-                              hint="the file is incomplete or not a LoRA")
     try:
-        return LoRALayer(
-            down=roles["down"], up=roles["up"], alpha=alpha, mid=roles.get("mid"), dora_scale=roles.get("dora_scale")
-        )
+        for kind, parts in LYCORIS_PARTS.items():
+            if present & set(parts):
+                if present - set(parts):
+                    raise LoraFormatError(f"mixes {kind} parts with {sorted(present - set(parts))}")
+                return LycorisLayer(kind=kind, parts={p: roles[p] for p in present}, alpha=alpha)
+        missing = {"down", "up"} - present
+        if missing:
+            raise LoraFormatError(f"has no {'/'.join(sorted(missing))} weight",
+                                  hint="the file is incomplete or not a LoRA")
+        return LoRALayer(down=roles["down"], up=roles["up"], alpha=alpha, mid=roles.get("mid"),
+                         dora_scale=roles.get("dora_scale"))
     except LoraFormatError as err:
-        raise LoraFormatError(err.reason, file=file, key=module) from None
+        key = sources.get(err.key, module) if err.key else module
+        raise LoraFormatError(err.reason, file=file, key=key, hint=err.hint) from None
 
 
-def _check_lycoris(kind: str, present: set[str], *, file: str | None, module: str) -> None:
-    if kind == "loha":
-        need = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
-    else:
-        w1 = {"lokr_w1"} if "lokr_w1" in present else {"lokr_w1_a", "lokr_w1_b"}
-        w2 = {"lokr_w2"} if "lokr_w2" in present else {"lokr_w2_a", "lokr_w2_b"}
-        need = w1 | w2
-    if need - present:
-        raise LoraFormatError(f"{kind} layer lacks {sorted(need - present)}", file=file, key=module)
-
-
-def _alpha_value(alpha: Tensor | None, *, file: str | None, module: str) -> float | None:
-    if alpha is None:
-        return None
+def _alpha_value(alpha: Tensor, *, file: str | None, key: str) -> float:
+    """The value of alpha tensor ``key``: one element of a real numeric dtype, finite."""
+    dtype = alpha.dtype
+    if dtype == torch.bool or dtype.is_complex or (dtype.is_floating_point and dtype not in COMPUTE_DTYPES):
+        raise LoraFormatError(f"alpha has dtype {str(dtype).removeprefix('torch.')}, not a real number type",
+                              file=file, key=key)
     if alpha.numel() != 1:
-        raise LoraFormatError(f"alpha must be a scalar, got shape {tuple(alpha.shape)}", file=file, key=module)
-    value = float(alpha.float().item())
-    if not (value == value and abs(value) != float("inf")):
-        raise LoraFormatError("alpha is NaN/Inf", file=file, key=module)
+        raise LoraFormatError(f"alpha must be a scalar, got shape {tuple(alpha.shape)}", file=file, key=key)
+    try:
+        value = float(alpha.detach().float().item())
+    except (RuntimeError, NotImplementedError, TypeError) as err:
+        raise LoraFormatError(f"alpha of dtype {dtype} cannot be read ({err})", file=file, key=key) from None
+    if not math.isfinite(value):
+        raise LoraFormatError("alpha is NaN/Inf", file=file, key=key)
     return value
 
 

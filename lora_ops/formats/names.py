@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from .. import keymap
 from ..errors import LoraFormatError
+from ..keymap.text_encoders import OUTSIDE_TEXT_MODEL, TEXT_MODEL
 
 DIFFUSERS_UNET_ROOTS = (
     "down_blocks",
@@ -29,10 +30,17 @@ def is_diffusers_unet_path(path: str) -> bool:
 
 
 def unet_key(path: str, family: str | None, *, file: str | None = None) -> str:
-    """Canonical key of a UNet module given in either spelling."""
-    if not is_diffusers_unet_path(path):
-        return f"unet.{path}"
+    """Canonical key of a UNet module given in either spelling, checked against ``family``'s UNet when known.
+
+    An LDM-spelled path is checked too (not only converted ones): a module the family's UNet does not have — an
+    SDXL block in a file read as SD 1.x — would otherwise load, apply to nothing, and fail only later when a
+    writer needs its diffusers name, with no file to name.
+    """
     try:
+        if not is_diffusers_unet_path(path):
+            if family is not None:
+                keymap.unet_ldm_to_diffusers(path, family)
+            return f"unet.{path}"
         return "unet." + keymap.unet_diffusers_to_ldm(path, family or "sd1")
     except LoraFormatError as err:
         raise LoraFormatError(err.reason, file=file, key=path, hint=err.hint) from None
@@ -47,7 +55,14 @@ def unet_path(key: str, family: str | None, style: str) -> str:
 
 
 def te_key(part: str, path: str) -> str:
-    """Canonical key of a text-encoder module (``part`` is te1/te2); adds ``text_model.`` when missing."""
+    """Canonical key of a text-encoder module (``part`` is te1/te2); adds ``text_model.`` when missing.
+
+    A module that lives beside ``text_model`` (``text_projection``) but is spelled inside it reads as itself, so
+    that both spellings land on one key (and a file holding both is refused, not loaded as two layers).
+    """
+    rest = path.removeprefix(TEXT_MODEL)
+    if rest != path and rest.split(".", 1)[0] in OUTSIDE_TEXT_MODEL:
+        path = rest
     return f"{part}.{keymap.te_to_canonical_path(path)}"
 
 
