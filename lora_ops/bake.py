@@ -13,8 +13,9 @@ fp64 temporaries small. Low-rank layers never form ΔW: each block of rows is ``
 are row-sliced the same way); only a transposed slot (OpenCLIP ``text_projection``) forms its small dense ΔW.
 
 Why atomic: a crash or a refusal (NaN/Inf result, full disk) must leave no partial output. Bytes go to a hidden
-temp file (or temp folder, for diffusers folders) beside the target, are fsynced, then ``os.replace``-d into place;
-any failure removes the temp and leaves the target as it was. The input can never be the output, whatever the
+temp file (or temp folder, for diffusers folders) beside the target, are fsynced, then ``os.replace``-d into place
+(`lora_ops.atomic`); any failure removes the temp and leaves the target as it was, and the temps a killed run
+left are swept by the next save into that folder. The input can never be the output, whatever the
 spelling (symlinks, ``..``, hard links, a folder that contains it).
 """
 
@@ -25,7 +26,6 @@ import logging
 import math
 import os
 import shutil
-import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +35,7 @@ from typing import BinaryIO
 import torch
 from tqdm import tqdm
 
-from . import io, streaming
+from . import atomic, io, streaming
 from .coverage import CoverageReport, combine_reports
 from .errors import LoraFileError, LoraOpsError, LoraValueError
 from .hosts.base import ApplyItem, check_items, strength_for
@@ -217,7 +217,8 @@ def _adder(layer: Layer) -> Adder:
         if "lokr_w2" in p:
             w2 = p["lokr_w2"]
         elif "lokr_t2" in p:  # Tucker: (a2, b2, kh, kw)
-            w2 = torch.einsum("ijkl,jr,ip->prkl", p["lokr_t2"], p["lokr_w2_b"], p["lokr_w2_a"])
+            # contiguous: torch.kron views its inputs, which fails on this permuted einsum output
+            w2 = torch.einsum("ijkl,jr,ip->prkl", p["lokr_t2"], p["lokr_w2_b"], p["lokr_w2_a"]).contiguous()
         else:
             w2 = p["lokr_w2_a"] @ p["lokr_w2_b"]  # (a2, b2)
         a2 = w2.shape[0]
@@ -409,10 +410,6 @@ def _bake_source(
 # -------------------------------------------------------------------------------------------------- the entry
 
 
-def _resolve(path: str | os.PathLike) -> Path:
-    return io._resolve(Path(path), Path(path))
-
-
 def _refuse_input_as_output(src: Path, dst: Path) -> None:
     same = src == dst or dst.is_relative_to(src) or src.is_relative_to(dst)
     if not same and dst.exists():
@@ -460,16 +457,16 @@ def bake(
     if sys.byteorder != "little":
         raise LoraValueError("baking needs a little-endian machine (safetensors data is little-endian)")
     want = _parse_dtype(dtype)
-    src, dst = _resolve(checkpoint), _resolve(out)
+    src, dst = io.resolve_path(checkpoint), io.resolve_path(out)
     if not src.exists():
         raise LoraFileError("checkpoint not found", file=src, hint="check the path")
     _refuse_input_as_output(src, dst)
     if dst.exists() and not overwrite:
-        raise LoraFileError("output already exists", file=dst, hint="pass overwrite=True / --overwrite to replace it")
+        raise LoraFileError("output already exists", file=dst, hint="pass overwrite=True to replace it")
     if dst.exists() and dst.is_dir() != src.is_dir():
         kind = "folder" if dst.is_dir() else "file"
         raise LoraFileError(f"output is a {kind}, the checkpoint is not", file=dst, hint="choose another output path")
-    extra = io._check_metadata(metadata, dst) or {}
+    extra = io.check_metadata(metadata, dst) or {}
 
     sources, stale = _folder_sources(src) if src.is_dir() else ([_open_source(src, src.name, None)], set())
     fam = family or _detect_family(sources, src)
@@ -525,33 +522,26 @@ def _write(
     metadata: Mapping[str, str],
     progress: bool,
 ) -> int:
-    """Everything into a temp beside ``dst``, fsynced, then swapped in; on any failure the temp is removed."""
+    """Everything into a temp beside ``dst`` (`lora_ops.atomic.atomic_write`), fsynced, then swapped in; on any
+    failure the temp is removed and ``dst`` is left as it was."""
     folder = src.is_dir()
+    entered = False
     try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = streaming.temp_beside(dst, folder=folder)
-    except OSError as err:
-        raise LoraFileError(f"cannot create the output ({io._one_line(err)})", file=dst) from None
-    try:
-        if folder:
-            written = _write_folder(src, tmp, sources, plans, stale, want, metadata, progress)
-        else:
-            mode = stat.S_IMODE(dst.stat().st_mode) if dst.exists() else None
-            with open(tmp, "wb") as out:
-                written = _bake_source(sources[0], plans[0], want, metadata, out, progress)
-                streaming.fsync_file(out)
-            if mode is not None:
-                os.chmod(tmp, mode)
-        streaming.swap_in(tmp, dst)
-    except BaseException as err:
-        streaming.remove(tmp)
-        if isinstance(err, LoraOpsError) or not isinstance(err, Exception):
+        with atomic.atomic_write(dst, folder=folder) as tmp:
+            entered = True
+            if folder:
+                written = _write_folder(src, tmp, sources, plans, stale, want, metadata, progress)
+            else:
+                with open(tmp, "wb") as out:
+                    written = _bake_source(sources[0], plans[0], want, metadata, out, progress)
+    except Exception as err:
+        if isinstance(err, LoraOpsError):
             raise
+        if not entered:
+            raise LoraFileError(f"cannot create the output ({io.one_line(err)})", file=dst) from None
         raise LoraFileError(
-            f"cannot write the baked checkpoint ({io._one_line(err)}); nothing was changed", file=dst
+            f"cannot write the baked checkpoint ({io.one_line(err)}); nothing was changed", file=dst
         ) from err
-    with contextlib.suppress(OSError):
-        io._fsync_path(dst.parent, directory=True)
     return written
 
 
@@ -580,9 +570,7 @@ def _write_folder(
                 source, plan = baked[path]
                 with open(target, "wb") as out:
                     written += _bake_source(source, plan, want, metadata, out, progress)
-                    streaming.fsync_file(out)
             else:
                 shutil.copyfile(path, target)  # follows symlinks (Hugging Face cache snapshots link to blobs)
-                io._fsync_path(target)
                 written += target.stat().st_size
     return written

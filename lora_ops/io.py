@@ -13,28 +13,30 @@ unpickler to tensors and plain containers; there is deliberately no fallback to 
 Why saves are atomic: a crash, a full disk or a bad tensor halfway through a save must never leave a truncated
 file where a good LoRA used to be. Everything is validated before the first byte is written, the bytes go to a
 hidden temp file in the target's own folder (same filesystem, so the rename is atomic), are fsynced, and only then
-``os.replace`` swaps it in.
+``os.replace`` swaps it in (`lora_ops.atomic`, which also sweeps the temps that killed runs left there).
 """
 
 from __future__ import annotations
 
-import contextlib
+import gc
 import hashlib
 import json
 import logging
 import os
 import pickle
 import re
-import secrets
 import stat
 import struct
+import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import safetensors
 import safetensors.torch
 import torch
 
+from . import atomic
 from .errors import LoraFileError, UnsafeFileError
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,19 @@ StrPath = str | os.PathLike
 MAX_HEADER_BYTES = 100_000_000
 """The safetensors library's own limit on the JSON header; a larger length means the file is not safetensors."""
 
+MAX_TENSORS = 200_000
+"""Most tensor entries a safetensors header may describe; more is refused before any tensor is read.
+
+The largest real files, full FLUX / SDXL checkpoints and LyCORIS "full" LoRAs of every layer, have well under
+20_000 tensors, so this leaves ten times that as headroom. What it bounds: every entry costs a few hundred bytes
+of Python objects and some microseconds to check and load, and the 100 MB header limit alone would admit some two
+million of them (gigabytes of objects, many seconds of work, for a file that is a few MB on disk)."""
+
 _SNIFF_BYTES = 256
 _LFS_MAGIC = b"version https://git-lfs.github.com/spec"
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_HINT = (
-    "pickle files can run code; convert it to .safetensors, or pass allow_pickle=True / --allow-pickle if you trust it"
+    "pickle files can run code; convert it to .safetensors, or pass allow_pickle=True if you trust it"
 )
 _REDOWNLOAD_HINT = "re-download the file"
 
@@ -87,30 +97,81 @@ def _dtype_table() -> dict[str, tuple[torch.dtype, int]]:
 
 SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = _dtype_table()
 _STORABLE_DTYPES = frozenset(dt for dt, _bits in SAFETENSORS_DTYPES.values())
+_BITS = {name: bits for name, (_dt, bits) in SAFETENSORS_DTYPES.items()}
+_LOADABLE = {name: (dt, dt.itemsize) for name, (dt, _bits) in SAFETENSORS_DTYPES.items()}  # F4: 2 values per byte
+_F4 = getattr(torch, "float4_e2m1fn_x2", None)
+_LITTLE_ENDIAN = sys.byteorder == "little"
+"""safetensors data is little-endian; the one-read CPU path (`_read_tensors`) takes the bytes as they are, so it is
+used on little-endian hosts only (x86-64 and ARM64, all torch ships for). A big-endian host loads through the
+library, which byte-swaps."""
+_U63 = 2**63
 
 
 # --------------------------------------------------------------------------------------------------- file kinds
 
 
 def _stat_file(path: Path) -> os.stat_result:
-    """stat() that turns "missing" / "is a folder" / "unreadable" into one readable LoraFileError."""
+    """stat() that turns "missing" / "is a folder" / "not a regular file" / "unreadable" into one LoraFileError.
+
+    Only regular files (or symlinks to one) are accepted, and this runs before any open: reading a FIFO blocks
+    until another process writes to it, ``/dev/zero`` never ends, and opening some devices has side effects, so a
+    workflow or command line naming one must get an error at once, not hang the ComfyUI worker or the CLI.
+    """
     try:
         st = path.stat()
     except FileNotFoundError:
         raise LoraFileError("file not found", file=path, hint="check the path and file name") from None
     except (OSError, ValueError) as err:
         raise LoraFileError(f"cannot access the file ({_one_line(err)})", file=path) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise LoraFileError("is a folder, not a file", file=path)
+    _check_regular(st, path)
     return st
 
 
-def _read_head(path: Path, size: int) -> bytes:
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _check_regular(st: os.stat_result, path: Path) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise LoraFileError("is a folder, not a file", file=path)
+    if not stat.S_ISREG(st.st_mode):
+        what = next((name for test, name in _SPECIAL_FILES if test(st.st_mode)), "a special file")
+        raise LoraFileError(
+            f"not a regular file ({what})", file=path, hint="give the path of a weights file, not a pipe or device"
+        )
+
+
+def _open_regular(path: Path) -> tuple[BinaryIO, int]:
+    """Open ``path`` for reading, checked to be a regular file, without ever blocking; return ``(file, size)``.
+
+    `_stat_file` refuses FIFOs and devices before the open. The open itself is non-blocking (``O_NONBLOCK``:
+    opening a FIFO for reading then returns at once instead of waiting for a writer) and the descriptor is
+    fstat-ed again, so a path swapped for a FIFO or device between the stat and the open is refused too. The size
+    is that descriptor's, and every later read goes through it, so all checks made against the size hold for
+    the bytes actually read, whatever happens to the path meanwhile. The caller closes the file.
+    """
+    _stat_file(path)
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # POSIX only; Windows has no FIFOs in the file system
+    flags = os.O_RDONLY | nonblock | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     try:
-        with open(path, "rb") as f:
-            return f.read(min(size, _SNIFF_BYTES))
-    except OSError as err:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise LoraFileError("file not found", file=path, hint="check the path and file name") from None
+    except (OSError, ValueError) as err:
         raise LoraFileError(f"cannot read the file ({_one_line(err)})", file=path) from None
+    try:
+        st = os.fstat(fd)
+        _check_regular(st, path)
+        if nonblock:
+            os.set_blocking(fd, True)  # regular files ignore it; cleared so reads mean what they usually do
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _kind_of(head: bytes, size: int) -> str:
@@ -142,8 +203,9 @@ def detect_file_kind(path: StrPath) -> str:
     valid; `read_safetensors_header` validates it.
     """
     path = Path(path)
-    size = _stat_file(path).st_size
-    return _kind_of(_read_head(path, size), size)
+    f, size = _open_regular(path)
+    with f:
+        return _kind_of(_read(f, _SNIFF_BYTES, path), size)
 
 
 def _not_safetensors_error(kind: str, path: Path, *, loading: bool = False) -> LoraFileError:
@@ -177,21 +239,55 @@ def _text_hint(head: bytes) -> str | None:
     return f"the file starts with text '{shown}…', not a safetensors header; {_REDOWNLOAD_HINT}"
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class _DuplicateKey(ValueError):
     pass
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
+    out = dict(pairs)  # at C speed; the slow search runs only when a key was dropped, to name it
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return out
+
+
+class _GcPaused:
+    """Pause the cyclic garbage collector while a header is parsed and its tensors are made.
+
+    Why: a header of many tensors becomes about five containers per tensor, and in a small process (the CLI, a
+    script) that burst of allocations sets off one full collection after another, each walking every object so
+    far: loading a 200_000-tensor file took about 3.2 s of CPU with the collector on and 2 s paused, counting the
+    few walks over the new objects once it is back on. In a process that already holds millions of objects
+    (ComfyUI) full collections are rare and pausing changes nothing measurable. Parsed JSON and fresh tensors
+    hold no reference cycles, so nothing is lost. The collector is process-wide: it is switched back on only if
+    it was on (nesting is fine).
+    """
+
+    def __enter__(self) -> None:
+        self._was_enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._was_enabled:
+            gc.enable()
+
+
+def _read(f: BinaryIO, n: int, path: Path) -> bytes:
+    try:
+        return f.read(n)
+    except OSError as err:
+        raise LoraFileError(f"cannot read the file ({_one_line(err)})", file=path) from None
+
+
+def _too_many_tensors(count: int | str, path: Path) -> LoraFileError:
+    return LoraFileError(
+        f"too many tensors: the header describes {count} (limit {MAX_TENSORS:,})",
+        file=path,
+        hint="no real model file has nearly this many; the file is corrupt or not model weights",
+    )
 
 
 def read_safetensors_header(path: StrPath) -> tuple[dict, int]:
@@ -202,13 +298,23 @@ def read_safetensors_header(path: StrPath) -> tuple[dict, int]:
     which is where tensor ``data_offsets`` count from and where the kohya/addnet model hash starts.
 
     Checks every rule the safetensors library enforces (and a few it leaves to chance), so any file that passes
-    loads, and any that fails raises `LoraFileError` naming the file, the key and the reason.
+    loads, and any that fails raises `LoraFileError` naming the file, the key and the reason. Limits, all checked
+    before any tensor is read: a regular file only (never blocks on a FIFO or device), at most `MAX_HEADER_BYTES`
+    of header, at most `MAX_TENSORS` entries, and every entry's bytes inside the file. Pass the result to
+    `load_state_dict` (``header=``) to load the tensors without parsing it again.
     """
     path = Path(path)
-    size = _stat_file(path).st_size
+    f, size = _open_regular(path)
+    with f, _GcPaused():
+        return _read_header(f, size, path)
+
+
+def _read_header(f: BinaryIO, size: int, path: Path) -> tuple[dict, int]:
+    """`read_safetensors_header` on an open file whose size is ``size``."""
     if size == 0:
         raise LoraFileError("empty file (0 bytes)", file=path, hint=_REDOWNLOAD_HINT)
-    head = _read_head(path, size)
+    f.seek(0)
+    head = _read(f, _SNIFF_BYTES, path)
     kind = _kind_of(head, size)
     if kind in ("lfs-pointer", "html", "torch-zip", "pickle"):
         raise _not_safetensors_error(kind, path)
@@ -231,18 +337,21 @@ def read_safetensors_header(path: StrPath) -> tuple[dict, int]:
             file=path,
             hint=_text_hint(head) or _REDOWNLOAD_HINT,
         )
-    try:
-        with open(path, "rb") as f:
-            f.seek(8)
-            raw = f.read(n)
-    except OSError as err:
-        raise LoraFileError(f"cannot read the file ({_one_line(err)})", file=path) from None
+    f.seek(8)
+    raw = _read(f, n, path)
     if len(raw) != n:  # the file shrank under us
         raise LoraFileError("truncated while reading the header", file=path, hint=_REDOWNLOAD_HINT)
+    # A first, cheap count (milliseconds even for 100 MB), so a header of millions of entries is refused before
+    # parsing builds gigabytes of objects. Every entry names "data_offsets", so for any honest file this is the
+    # exact count; a name spelled with JSON escapes slips past it, but not past the exact check after parsing.
+    approx = raw.count(b'"data_offsets"')
+    if approx > MAX_TENSORS:
+        raise _too_many_tensors(f"about {approx:,}", path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise LoraFileError(f"corrupt header: not UTF-8 text ({err.reason} at byte {err.start})", file=path) from None
+    del raw
     try:
         header = json.loads(text, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as err:
@@ -257,6 +366,9 @@ def read_safetensors_header(path: StrPath) -> tuple[dict, int]:
             file=path,
             hint="a safetensors header maps tensor names to their dtype, shape and offsets",
         )
+    count = len(header) - ("__metadata__" in header)
+    if count > MAX_TENSORS:
+        raise _too_many_tensors(f"{count:,}", path)
     _check_metadata_entry(header, path)
     _check_tensor_entries(header, path, data_len=size - 8 - n)
     if header.get("__metadata__", False) is None:
@@ -292,51 +404,70 @@ def _json_type(value: object) -> str:
 
 
 def _check_tensor_entries(header: dict, path: Path, *, data_len: int) -> None:
+    """Every entry well-formed, its byte count right for its shape and dtype, and the entries tiling the buffer.
+
+    One tight loop with exact type tests, because it runs once per tensor and a header of `MAX_TENSORS` entries
+    must pass in a fraction of a second: parsed JSON holds only plain dict/list/str/int/float/bool/None, and
+    ``type(d) is int`` also rules out bools.
+    """
     spans: list[tuple[int, int, str]] = []
+    bits_of = _BITS
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        if not isinstance(info, dict):
+        if type(info) is not dict:
             raise LoraFileError(
                 f"corrupt header: entry is a JSON {_json_type(info)}, not an object", file=path, key=key
             )
-        for field in ("dtype", "shape", "data_offsets"):
-            if field not in info:
-                raise LoraFileError(f"corrupt header: entry has no '{field}'", file=path, key=key)
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        try:
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        except KeyError as err:
+            raise LoraFileError(f"corrupt header: entry has no '{err.args[0]}'", file=path, key=key) from None
+        bits = bits_of.get(dtype) if type(dtype) is str else None
+        if bits is None:
             raise LoraFileError(
                 f"unknown dtype {dtype!r}",
                 file=path,
                 key=key,
                 hint=f"supported: {', '.join(SAFETENSORS_DTYPES)}",
             )
-        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
+        numel = 1
+        if type(shape) is list:
+            for d in shape:
+                if type(d) is not int or not 0 <= d < _U63:
+                    numel = -1
+                    break
+                numel *= d
+        if type(shape) is not list or numel < 0:
             raise LoraFileError(
                 f"corrupt header: shape {shape!r} is not a list of non-negative ints", file=path, key=key
             )
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_int(o) and 0 <= o < 2**63 for o in offsets)
-        ):
+        if type(offsets) is not list or len(offsets) != 2:
+            begin = end = -1
+        else:
+            begin, end = offsets
+        if type(begin) is not int or type(end) is not int or not 0 <= begin < _U63 or not 0 <= end < _U63:
             raise LoraFileError(
                 f"corrupt header: data_offsets {offsets!r} is not a pair [begin, end] of non-negative ints",
                 file=path,
                 key=key,
             )
-        begin, end = offsets
         if begin > end:
             raise LoraFileError(
                 f"corrupt header: data_offsets [{begin}, {end}] end before they begin", file=path, key=key
             )
-        numel = 1
-        for d in shape:
-            numel *= d
-        bits = SAFETENSORS_DTYPES[dtype][1]
         if numel * bits % 8:
             raise LoraFileError(
                 f"corrupt header: {numel} elements of {dtype} do not fill whole bytes", file=path, key=key
+            )
+        if bits == 4 and shape[-1] % 2:
+            # torch's float4_e2m1fn_x2 holds two F4 values per element along the last dimension (as the library
+            # loads it), so an odd last dimension cannot be loaded; say so here rather than in a library error.
+            raise LoraFileError(
+                f"shape {shape} of F4 cannot be loaded: torch packs two F4 values per element along the last "
+                "dimension, which must be even",
+                file=path,
+                key=key,
             )
         need = numel * bits // 8
         if end - begin != need:
@@ -356,7 +487,8 @@ def _check_tensor_entries(header: dict, path: Path, *, data_len: int) -> None:
         spans.append((begin, end, key))
     # The library demands that tensors tile the buffer exactly: no overlap, no gap, nothing after the last one.
     cursor, previous = 0, None
-    for begin, end, key in sorted(spans):
+    spans.sort()
+    for begin, end, key in spans:
         if begin < cursor:
             raise LoraFileError(
                 f"corrupt header: data_offsets [{begin}, {end}] overlap tensor '{previous}' (which ends at {cursor})",
@@ -382,47 +514,150 @@ def _check_tensor_entries(header: dict, path: Path, *, data_len: int) -> None:
 
 
 def load_state_dict(
-    path: StrPath, *, allow_pickle: bool = False, device: str | torch.device = "cpu"
+    path: StrPath,
+    *,
+    allow_pickle: bool = False,
+    device: str | torch.device = "cpu",
+    header: tuple[dict, int] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Load ``(tensors, metadata)`` from a .safetensors file, or from a legacy pickle only when allowed.
 
     The kind of file is decided from its bytes, not its extension, so a pickle renamed to .safetensors is still
-    treated as a pickle. Tensors come back in the dtype stored (bf16/fp16/fp8 stay as they are; callers do their
-    math in fp32). CPU tensors own their memory instead of mapping the file, so the same file can be overwritten
-    right after loading (Windows refuses to replace a mapped file) and a later in-place rewrite of the file by
-    another program cannot change tensors already loaded.
+    treated as a pickle. Only a regular file is read (a FIFO or device is refused at once, never waited on), the
+    header passes every check and limit of `read_safetensors_header` before any tensor is read, and everything
+    is read through one descriptor, so the bytes loaded are those of the file checked. Tensors come back in the
+    dtype stored (bf16/fp16/fp8 stay as they are; callers do their math in fp32). CPU tensors own their memory
+    instead of mapping the file (`_read_tensors`), so the same file can be overwritten right after loading
+    (Windows refuses to replace a mapped file) and a later in-place rewrite of the file by another program cannot
+    change tensors already loaded. Other devices load through the safetensors library, tensor by tensor.
+
+    ``header``: the ``(header, data_start)`` pair `read_safetensors_header` returned for this file, for callers
+    that look at the names and metadata first (`lora_ops.files.load_lora` decides the format before loading), so
+    the header is not parsed twice. The file is checked to still have that header's length and size; a file
+    changed since is refused rather than read with stale offsets.
 
     Pickles (.pt/.ckpt/.bin) are loaded only with ``allow_pickle=True`` and then only through
     ``torch.load(weights_only=True)``; a checkpoint dict nesting the tensors under "state_dict" is unwrapped.
     """
     path = Path(path)
-    kind = detect_file_kind(path)
-    if kind in ("torch-zip", "pickle"):
-        if not allow_pickle:
-            raise _not_safetensors_error(kind, path, loading=True)
-        return _load_pickle(path, device), {}
-    header, _data_start = read_safetensors_header(path)
-    metadata = dict(header.get("__metadata__") or {})
-    names = [k for k in header if k != "__metadata__"]
-    tensors: dict[str, Tensor] = {}
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device=str(device)) as f:
-            for name in names:
-                t = f.get_tensor(name)
-                tensors[name] = t.clone() if t.device.type == "cpu" else t
-    except Exception as err:  # the header was valid, so this is I/O, a device problem or a library bug
-        raise LoraFileError(f"cannot load the tensors ({_one_line(err)})", file=path) from err
+    f, size = _open_regular(path)
+    with f, _GcPaused():
+        if header is None:
+            kind = _kind_of(_read(f, _SNIFF_BYTES, path), size)
+            if kind in ("torch-zip", "pickle"):
+                if not allow_pickle:
+                    raise _not_safetensors_error(kind, path, loading=True)
+                f.seek(0)
+                return _load_pickle(f, path, device), {}
+            header = _read_header(f, size, path)
+        else:
+            _check_same_file(f, size, header, path)
+        entries, data_start = header
+        metadata = dict(entries.get("__metadata__") or {})
+        try:
+            on_cpu = torch.device(device).type == "cpu"
+        except (RuntimeError, TypeError):
+            on_cpu = False  # not a device torch knows: let the library word the error
+        try:
+            if on_cpu and _LITTLE_ENDIAN:
+                tensors = _read_tensors(f, entries, data_start, size, path)
+            else:
+                tensors = _library_tensors(f, entries, path, device)
+        except LoraFileError:
+            raise
+        except Exception as err:  # the header was valid, so this is I/O, a device problem or a library bug
+            raise LoraFileError(f"cannot load the tensors ({_one_line(err)})", file=path) from err
     log.debug("loaded %d tensors from %s", len(tensors), path)
     return tensors, metadata
+
+
+def _check_same_file(f: BinaryIO, size: int, header: tuple[dict, int], path: Path) -> None:
+    """Refuse a header (from `read_safetensors_header`) that no longer describes the open file."""
+    entries, data_start = header
+    data_len = max((info["data_offsets"][1] for key, info in entries.items() if key != "__metadata__"), default=0)
+    f.seek(0)
+    prefix = _read(f, 8, path)
+    if len(prefix) != 8 or 8 + struct.unpack("<Q", prefix)[0] != data_start or size != data_start + data_len:
+        raise LoraFileError(
+            "the file changed after its header was read", file=path, hint="load it again, or pass header=None"
+        )
+
+
+def _read_tensors(f: BinaryIO, entries: dict, data_start: int, size: int, path: Path) -> dict[str, Tensor]:
+    """CPU tensors from one read of the data buffer, each a ``torch.frombuffer`` view of its validated bytes.
+
+    Why not the library's ``safe_open(...).get_tensor`` plus a ``clone`` per tensor: for files of many small
+    tensors that per-tensor overhead is most of the load (200_000 tensors: about 5 s of the 7), while a frombuffer
+    is a few microseconds and the one ``readinto`` a syscall or a few. The buffer is a private bytearray, plain
+    process memory and not a mapping of the file, so the file can be replaced or rewritten at once and nothing
+    done to it later reaches these tensors. The tensors share that buffer without overlapping (the header check
+    made the offsets tile it), are writable, and each has its own storage of exactly its bytes, so saving one
+    (safetensors or ``torch.save``) writes only it and sees no shared memory; the buffer is freed with the last
+    of them. The data is taken as stored, little-endian, which is why `load_state_dict` uses this only on
+    little-endian hosts. A tensor whose offset is not a multiple of its element size (only hand-written files
+    have those: the library's writer aligns them) is copied, so no kernel ever sees a misaligned pointer.
+    """
+    data_len = size - data_start
+    buf = bytearray(data_len)
+    with memoryview(buf) as view:
+        f.seek(data_start)
+        filled = 0
+        while filled < data_len:
+            try:
+                got = f.readinto(view[filled:])
+            except OSError as err:
+                raise LoraFileError(f"cannot read the file ({_one_line(err)})", file=path) from None
+            if not got:
+                raise LoraFileError("truncated while reading the tensors", file=path, hint=_REDOWNLOAD_HINT)
+            filled += got
+    loadable = _LOADABLE
+    frombuffer = torch.frombuffer
+    tensors: dict[str, Tensor] = {}
+    for name, info in entries.items():
+        if name == "__metadata__":
+            continue
+        dtype, itemsize = loadable[info["dtype"]]
+        shape = info["shape"]
+        if dtype is _F4:
+            shape = [*shape[:-1], shape[-1] // 2]  # the header counts 4-bit values; torch packs two per element
+        begin, end = info["data_offsets"]
+        if begin == end:  # frombuffer refuses zero bytes
+            t = torch.empty(shape, dtype=dtype)
+        else:
+            t = frombuffer(buf, dtype=dtype, count=(end - begin) // itemsize, offset=begin).view(shape)
+            if t.data_ptr() % itemsize:
+                t = t.clone()
+        tensors[name] = t
+    return tensors
+
+
+def _library_tensors(f: BinaryIO, entries: dict, path: Path, device: str | torch.device) -> dict[str, Tensor]:
+    """Tensors through ``safetensors.safe_open``, which places each on ``device`` without a full host copy.
+
+    The library opens files by name. On Linux it gets ``/proc/self/fd/N``, the descriptor already checked to be
+    this regular file, so what it maps is the file validated, and a path swapped for a FIFO meanwhile cannot make
+    it block; elsewhere it gets the path.
+    """
+    source = f"/proc/self/fd/{f.fileno()}"
+    if not os.path.exists(source):
+        source = str(path)
+    tensors: dict[str, Tensor] = {}
+    with safetensors.safe_open(source, framework="pt", device=str(device)) as lib:
+        for name in entries:
+            if name != "__metadata__":
+                t = lib.get_tensor(name)
+                tensors[name] = t.clone() if t.device.type == "cpu" else t
+    return tensors
 
 
 _UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.*?)(?:\s+was not an allowed global.*)?$", re.MULTILINE)
 
 
-def _load_pickle(path: Path, device: str | torch.device) -> dict[str, Tensor]:
+def _load_pickle(f: BinaryIO, path: Path, device: str | torch.device) -> dict[str, Tensor]:
+    """The tensors of a pickle, read from the already-opened (checked regular) file ``f`` of ``path``."""
     log.info("loading pickle file %s with torch.load(weights_only=True)", path)
     try:
-        obj = torch.load(path, map_location=device, weights_only=True)
+        obj = torch.load(f, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
         match = _UNPICKLER_REASON.search(str(err))
         detail = match.group(1).strip() if match else _one_line(err)
@@ -500,6 +735,21 @@ def safe_join(root: StrPath, relative: StrPath) -> Path:
     return target
 
 
+def resolve_path(path: StrPath) -> Path:
+    """``path`` with ``~`` expanded and symlinks and ``..`` resolved; a `LoraFileError` naming it if that fails."""
+    return _resolve(Path(path), Path(path))
+
+
+def check_metadata(metadata: Mapping[str, str] | None, target: StrPath) -> dict[str, str] | None:
+    """``metadata`` as a plain str→str dict (None if empty), or a `LoraFileError` naming ``target`` and the key."""
+    return _check_metadata(metadata, Path(target))
+
+
+def one_line(err: BaseException) -> str:
+    """The first non-empty line of an exception message, for error messages worded elsewhere."""
+    return _one_line(err)
+
+
 def _resolve(path: Path, shown: Path) -> Path:
     try:
         return path.expanduser().resolve()
@@ -557,32 +807,6 @@ def _write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str] | No
     safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
 
 
-def _create_temp(folder: Path, name: str) -> Path:
-    """A new hidden temp file beside the target, created with mode 0o666 so the umask applies as for any file."""
-    for _ in range(100):
-        tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(f"no free temp file name in {folder}")
-
-
-def _fsync_path(path: Path, *, directory: bool = False) -> None:
-    if directory:
-        if os.name == "nt":  # Windows cannot open a folder for fsync; NTFS journals the rename itself
-            return
-        fd = os.open(path, os.O_RDONLY)
-    else:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_state_dict(
     path: StrPath,
     tensors: Mapping[str, Tensor],
@@ -596,40 +820,28 @@ def save_state_dict(
     Everything is validated before anything is written. An existing file is replaced only with
     ``overwrite=True``. With ``root``, the path must resolve (symlinks and ``..`` included) inside root; a relative
     ``path`` is then taken relative to root. If ``path`` is a symlink, the file it points to is replaced.
-    Parent folders are created. The bytes go to a hidden ``.<name>.<random>.tmp`` in the same folder, are
-    fsynced, then ``os.replace``-d onto the target; on any failure the temp file is removed and a previous file
-    at the target is left byte-identical.
+    Parent folders are created. The bytes go through `lora_ops.atomic.atomic_write` (a hidden
+    ``.<name>.lora-ops-….tmp`` beside the target, fsynced, then ``os.replace``-d onto it; stale temps of killed
+    runs in that folder are swept first); on any failure the temp is removed and a previous file at the target is
+    left byte-identical, with its permission bits kept when it is replaced.
     """
-    target = safe_join(root, path) if root is not None else _resolve(Path(path), Path(path))
+    target = safe_join(root, path) if root is not None else resolve_path(path)
     prepared = _prepare_tensors(tensors, target)
     meta = _check_metadata(metadata, target)
     if target.is_dir():
         raise LoraFileError("is a folder; give a file name ending in .safetensors", file=target)
     if target.exists() and not overwrite:
-        raise LoraFileError("file already exists", file=target, hint="pass overwrite=True / --overwrite to replace it")
-    folder = target.parent
+        raise LoraFileError("file already exists", file=target, hint="pass overwrite=True to replace it")
+    entered = False
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = _create_temp(folder, target.name)
-    except OSError as err:
-        raise LoraFileError(f"cannot create the output folder or file ({_one_line(err)})", file=target) from None
-    try:
-        # The mode a new file gets here (0o666 minus the umask), or the old file's when replacing it.
-        # safetensors >= 0.8 writes through its own private (0o600) temp file, so the mode is re-applied after.
-        mode = stat.S_IMODE((target if target.exists() else tmp).stat().st_mode)
-        _write_safetensors(prepared, meta, tmp)
-        os.chmod(tmp, mode)
-        _fsync_path(tmp)
-        os.replace(tmp, target)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if not isinstance(err, Exception):
-            raise  # KeyboardInterrupt / SystemExit: cleaned up, now let it through
+        with atomic.atomic_write(target) as tmp:
+            entered = True
+            _write_safetensors(prepared, meta, tmp)
+    except Exception as err:
+        if not entered:
+            raise LoraFileError(f"cannot create the output folder or file ({_one_line(err)})", file=target) from None
         reason = "cannot write" if isinstance(err, OSError) else "cannot serialize"
         raise LoraFileError(f"{reason} the file ({_one_line(err)}); nothing was changed", file=target) from err
-    with contextlib.suppress(OSError):  # make the rename itself durable; best effort
-        _fsync_path(folder, directory=True)
     log.debug("saved %d tensors to %s", len(prepared), target)
     return target
 
@@ -639,8 +851,9 @@ def save_state_dict(
 
 def _sha256_from(path: Path, offset: int, chunk: int) -> str:
     digest = hashlib.sha256()
+    f, _size = _open_regular(path)  # a FIFO or /dev/zero would never end
     try:
-        with open(path, "rb") as f:
+        with f:
             f.seek(offset)
             while block := f.read(chunk):
                 digest.update(block)

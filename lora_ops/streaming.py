@@ -15,12 +15,8 @@ memory stays flat and the allocator does not fragment, whatever the number and s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import secrets
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -159,50 +155,3 @@ class StreamWriter:
             result, data = self._output(acc, dst)
             check(result)
             self.write(data)
-
-
-# ------------------------------------------------------------------------------------------ atomic replacement
-
-
-def temp_beside(target: Path, *, folder: bool) -> Path:
-    """A new hidden temp file or folder in the target's folder (same filesystem, so the final rename is atomic)."""
-    if not folder:
-        return io._create_temp(target.parent, target.name)
-    for _ in range(100):
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            tmp.mkdir()
-        except FileExistsError:
-            continue
-        return tmp
-    raise FileExistsError(f"no free temp name in {target.parent}")
-
-
-def remove(path: Path) -> None:
-    """Best-effort removal of a temp file or folder."""
-    with contextlib.suppress(OSError):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def swap_in(tmp: Path, target: Path) -> None:
-    """Move a finished temp into place. A file replaces atomically; an existing folder is first renamed aside, so
-    the target is always either the old or the new folder, and the old one is deleted last."""
-    if not (tmp.is_dir() and target.exists()):
-        os.replace(tmp, target)
-        return
-    aside = target.parent / f".{target.name}.{secrets.token_hex(4)}.old"
-    os.replace(target, aside)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(aside, target)
-        raise
-    remove(aside)
-
-
-def fsync_file(f: BinaryIO) -> None:
-    f.flush()
-    os.fsync(f.fileno())

@@ -80,7 +80,7 @@ def reference(
 
 
 def lycoris_lora(family: str, seed: int = 1) -> LoRA:
-    """LoHa (plain and Tucker), LoKr (linear and conv) and a Tucker LoCon on real keys of the tiny UNet."""
+    """LoHa (plain and Tucker), LoKr (linear, conv and Tucker conv) and a Tucker LoCon on real keys of the tiny UNet."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
@@ -98,6 +98,10 @@ def lycoris_lora(family: str, seed: int = 1) -> LoRA:
         "unet.input_blocks.4.0.out_layers.3": LycorisLayer(
             "loha", {"hada_t1": r(2, 2, 3, 3), "hada_w1_a": r(2, 64), "hada_w1_b": r(2, 64),
                      "hada_t2": r(2, 2, 3, 3), "hada_w2_a": r(2, 64), "hada_w2_b": r(2, 64)}, alpha=2.0),
+        # output_blocks.2.0.out_layers.3: (64, 64, 3, 3), a Tucker LoKr (its w2 is a permuted einsum result)
+        "unet.output_blocks.2.0.out_layers.3": LycorisLayer(
+            "lokr", {"lokr_w1": r(4, 4), "lokr_t2": r(2, 2, 3, 3), "lokr_w2_a": r(2, 16), "lokr_w2_b": r(2, 16)},
+            alpha=1.0),
         # output_blocks.2.0.in_layers.2: (64, 128, 3, 3)
         "unet.output_blocks.2.0.in_layers.2": LoRALayer(down=r(4, 128, 1, 1), up=r(64, 4, 1, 1), mid=r(4, 4, 3, 3),
                                                         alpha=2.0),

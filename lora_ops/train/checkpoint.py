@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import re
-import secrets
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .. import io
+from .. import atomic, io
 from ..errors import LoraFileError
 
 log = logging.getLogger(__name__)
@@ -137,31 +135,17 @@ def save_checkpoint(
     info: Mapping[str, Any],
     lora_file: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None,
 ) -> Path:
-    """Write one checkpoint folder atomically (temp folder + rename); returns its path."""
+    """Write one checkpoint folder atomically (`lora_ops.atomic`: temp folder, fsync, rename); returns its path."""
     folder = Path(folder)
-    parent = folder.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{folder.name}.{secrets.token_hex(4)}.tmp"
     opt_tensors, opt_info = _split_optimizer(optimizer)
     rng_tensors, rng_info = capture_rng()
     tensors = {**{f"adapter/{k}": v for k, v in adapter.items()}, **opt_tensors, **rng_tensors}
     payload = {"format": FORMAT, "version": VERSION, "step": step, **info, "optimizer": opt_info, "rng": rng_info}
-    try:
-        tmp.mkdir()
+    with atomic.atomic_write(folder, folder=True) as tmp:  # the whole folder appears at once, or not at all
         io.save_state_dict(tmp / STATE_TENSORS, tensors, {"format": FORMAT})
         if lora_file is not None:
             io.save_state_dict(tmp / LORA_FILE, *lora_file)
         (tmp / STATE_JSON).write_text(json.dumps(payload, indent=1, sort_keys=True), encoding="utf-8")
-        if folder.exists():
-            old = parent / f".{folder.name}.{secrets.token_hex(4)}.old"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("saved checkpoint %s", folder)
     return folder
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import io
+from .. import atomic, io
 from ..errors import LoraFileError, LoraValueError
 from ..lora import LoRA
 from . import checkpoint as ckpt
@@ -241,7 +241,7 @@ class Trainer:
             return
         out = self.output_path()
         if out.exists() and not c.overwrite and self.resume_from is None:
-            raise LoraFileError("file already exists", file=out, hint="pass overwrite=True / --overwrite to replace it")
+            raise LoraFileError("file already exists", file=out, hint="pass overwrite=True to replace it")
 
     def output_path(self) -> Path:
         return Path(self.config.output_dir or ".") / f"{self.config.output_name}.safetensors"
@@ -681,9 +681,10 @@ class Trainer:
                     log.info("wrote LoRA file %s", result.output)
                 payload = {"status": status, "step": self.step, "total_steps": self.total_steps,
                            **self.history.to_dict(), "config": c.to_dict()}
-                _write_text(result.history_file, json.dumps(payload, indent=1))
+                atomic.write_text(result.history_file, json.dumps(payload, indent=1))
                 image = result.plot(title=f"{name}: {status} at step {self.step}/{self.total_steps}")
-                image.save(result.plot_file)
+                with atomic.atomic_write(result.plot_file) as tmp:  # PIL picks PNG from tmp's name
+                    image.save(tmp)
         self.acc.wait_for_everyone()
         return result
 
@@ -699,13 +700,6 @@ def _adamw(groups: list[dict], c: TrainConfig) -> torch.optim.AdamW:
         except (RuntimeError, ValueError):  # an older torch or an unsupported dtype/device
             pass
     return torch.optim.AdamW(groups, **kwargs)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def train(
