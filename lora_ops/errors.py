@@ -6,7 +6,12 @@ sees one readable line (CLI) or one ComfyUI error message instead of a traceback
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
+
+Wording = Sequence[tuple[str, str]]
+"""(regex, replacement) pairs that turn the library's API wording into an audience's (CLI flags, node inputs)."""
 
 
 class LoraOpsError(Exception):
@@ -26,17 +31,34 @@ class LoraOpsError(Exception):
         self.hint = hint
         super().__init__(self._render())
 
-    def _render(self) -> str:
+    def message(self, wording: Wording = ()) -> str:
+        """The message, with the reason and hint reworded by ``wording`` (applied in order; file and key untouched).
+
+        Library hints speak API (``pass overwrite=True``); the CLI and the nodes pass their own table so that the
+        user reads the flag or the input to change (``--overwrite``).
+        """
+        return self._render(reword(self.reason, wording), reword(self.hint, wording) if self.hint else None)
+
+    def _render(self, reason: str | None = None, hint: str | None = None) -> str:
+        reason = self.reason if reason is None else reason
+        hint = self.hint if hint is None else hint
         parts = []
         if self.file:
             parts.append(self.file)
         if self.key:
             parts.append(f"key '{self.key}'")
         where = ": ".join(parts)
-        text = f"{where}: {self.reason}" if where else self.reason
-        if self.hint:
-            text += f" ({self.hint})"
+        text = f"{where}: {reason}" if where else reason
+        if hint:
+            text += f" ({hint})"
         return text
+
+
+def reword(text: str, wording: Wording) -> str:
+    """``text`` with each (regex, replacement) of ``wording`` substituted, in order."""
+    for pattern, replacement in wording:
+        text = re.sub(pattern, replacement, text)
+    return text
 
 
 class LoraFileError(LoraOpsError):

@@ -101,7 +101,9 @@ def extract(
     rule = as_rule(rule)
     conv_rule = as_rule(conv_rule, "conv_rule") if conv_rule is not None else None
     if rule.is_global or (conv_rule is not None and conv_rule.is_global):
-        raise LoraValueError("extract takes per-layer rank rules", hint="use --rank/--sv-fro/…, then resize --size-mb")
+        raise LoraValueError("extract takes per-layer rank rules",
+                             hint="use a per-layer rule (fixed, sv_ratio, sv_fro, sv_cumulative), then resize to "
+                                  "size_mb")
     with open_weights(base, family) as (base_w, fam), open_weights(tuned, fam) as (tuned_w, _):
         keys = [k for k in base_w if k in tuned_w and k.split(".", 1)[0] in parts]
         missing = sorted(k for k in base_w if k not in tuned_w and k.split(".", 1)[0] in parts)

@@ -14,6 +14,7 @@ from .resize_node import LoraOpsResize
 from .save import LoraOpsSave
 from .stack import LoraOpsStack
 from .train_node import LoraOpsTrain
+from .types import reword_errors
 
 routes.register()
 
@@ -30,6 +31,9 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LoraOpsExtract": LoraOpsExtract,
     "LoraOpsTrain": LoraOpsTrain,
 }
+for _cls in NODE_CLASS_MAPPINGS.values():
+    reword_errors(_cls)  # library hints speak API (allow_pickle=True …); node users read what they can change
+
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoraOpsLoad": "Load LoRA (LoRA Ops)",
     "LoraOpsStack": "LoRA Stack (LoRA Ops)",

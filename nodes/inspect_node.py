@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from ..lora_ops.errors import reword
 from ..lora_ops.inspect import format_report, inspect_lora
 from ..lora_ops.plots_inspect import layers_plot
 from .images import to_image_tensor
-from .types import CATEGORY, LORA
+from .types import CATEGORY, LORA, NODE_WORDING
 
 
 class LoraOpsInspect:
@@ -23,5 +24,5 @@ class LoraOpsInspect:
         return {"required": {"lora": (LORA, {"tooltip": "The LoRA to look at."})}}
 
     def inspect(self, lora):
-        text = format_report(inspect_lora(lora))
+        text = reword(format_report(inspect_lora(lora)), NODE_WORDING)
         return {"ui": {"text": [text]}, "result": (text, to_image_tensor(layers_plot(lora)))}

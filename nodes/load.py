@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..lora_ops.errors import LoraFileError
+from ..lora_ops.errors import LoraFileError, reword
 from ..lora_ops.files import load_lora
 from ..lora_ops.inspect import format_report, inspect_lora
 from ..lora_ops.io import file_sha256
 from . import comfy_env
-from .types import CATEGORY, LORA
+from .types import CATEGORY, LORA, NODE_WORDING
 
 _hash_cache: dict[tuple[str, int, int], str] = {}
 
@@ -64,4 +64,4 @@ class LoraOpsLoad:
     def load(self, lora_name, family="auto"):
         path = resolve_lora(lora_name)
         lora = load_lora(path, family=None if family == "auto" else family)
-        return (lora, format_report(inspect_lora(lora, path)))
+        return (lora, reword(format_report(inspect_lora(lora, path)), NODE_WORDING))

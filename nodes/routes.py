@@ -13,6 +13,7 @@ from ..lora_ops.errors import LoraOpsError
 from ..lora_ops.files import load_lora
 from ..lora_ops.inspect import inspect_lora
 from . import comfy_env
+from .types import NODE_WORDING
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def lora_info(name: str) -> tuple[int, dict]:
         path = comfy_env.lora_path(name)
         report = inspect_lora(load_lora(path, strict=False), path)
     except LoraOpsError as err:
-        return 422, {"error": str(err)}
+        return 422, {"error": err.message(NODE_WORDING)}
     return 200, report
 
 

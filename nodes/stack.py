@@ -9,34 +9,56 @@ from __future__ import annotations
 import json
 import math
 
-from ..lora_ops.errors import LoraValueError
+from ..lora_ops import safe_json
+from ..lora_ops.errors import LoraFormatError, LoraOpsError, LoraValueError
 from ..lora_ops.files import load_lora
 from . import comfy_env
 from .load import content_hash, resolve_lora
 from .types import CATEGORY, LORA, LORA_STACK, StackEntry
 
 EXAMPLE_ROWS = '[{"lora": "my_style.safetensors", "enabled": true, "strength_model": 1.0, "strength_clip": 1.0}]'
+MAX_STRENGTH = 100.0
+"""Largest |strength| in a row, as for ``lora-ops merge FILE:w`` (ComfyUI's LoraLoader stops at ±100 too)."""
+MAX_ROWS_CHARS = 1_000_000
+"""Longest rows text accepted (a row is ~100 characters)."""
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "…"
 
 
 def parse_rows(text: str) -> list[dict]:
-    """Validated rows; a clear message names the row and the field that is wrong."""
+    """Validated rows; a clear message names the row and the field that is wrong.
+
+    The JSON goes through `lora_ops.safe_json` (no NaN/Infinity, no huge integers, bounded nesting, no
+    duplicate keys); ``enabled`` must be true/false, strengths finite numbers (not true/false) within
+    ±`MAX_STRENGTH`. Every refusal is a `LoraValueError`.
+    """
+    if not isinstance(text, str):
+        raise LoraValueError(f"rows must be text, got {type(text).__name__}", hint=f"expected e.g. {EXAMPLE_ROWS}")
     try:
-        rows = json.loads(text or "[]")
-    except json.JSONDecodeError as err:
-        raise LoraValueError(f"rows are not valid JSON ({err.msg})", hint=f"expected e.g. {EXAMPLE_ROWS}") from None
-    if not isinstance(rows, list):
-        raise LoraValueError("rows must be a JSON list", hint=f"expected e.g. {EXAMPLE_ROWS}")
+        rows = safe_json.loads(text.strip() or "[]", expect=list, max_chars=MAX_ROWS_CHARS, max_depth=4)
+    except LoraFormatError as err:
+        raise LoraValueError(f"rows: {err.reason}", hint=f"expected e.g. {EXAMPLE_ROWS}") from None
     out = []
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not isinstance(row.get("lora"), str):
-            raise LoraValueError(f"row {i} needs a 'lora' file name")
+            raise LoraValueError(f"row {i} needs a 'lora' file name", hint=f"expected e.g. {EXAMPLE_ROWS}")
+        name = row["lora"] if len(row["lora"]) <= 60 else row["lora"][:60] + "…"
+        enabled = row.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise LoraValueError(f"row {i} ({name}): enabled must be true or false, got {_show(enabled)}")
         strengths = []
         for field in ("strength_model", "strength_clip"):
             value = row.get(field, 1.0)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise LoraValueError(f"row {i} ({row['lora']}): {field} must be a finite number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise LoraValueError(f"row {i} ({name}): {field} must be a finite number, got {_show(value)}")
+            if abs(value) > MAX_STRENGTH:
+                raise LoraValueError(f"row {i} ({name}): {field} {value:g} is beyond ±{MAX_STRENGTH:g}",
+                                     hint="strengths are usually 0–2; at 100× a LoRA already gives noise")
             strengths.append(float(value))
-        out.append({"lora": row["lora"], "enabled": bool(row.get("enabled", True)),
+        out.append({"lora": row["lora"], "enabled": enabled,
                     "strength_model": strengths[0], "strength_clip": strengths[1]})
     return out
 
@@ -70,7 +92,7 @@ class LoraOpsStack:
     def VALIDATE_INPUTS(cls, rows="[]", **_kw):
         try:
             parsed = parse_rows(rows)
-        except LoraValueError as err:
+        except LoraOpsError as err:
             return str(err)
         missing = [r["lora"] for r in parsed if r["enabled"] and comfy_env.lora_path(r["lora"]) is None]
         return f"LoRA file(s) not found in the loras folders: {', '.join(missing)}" if missing else True
@@ -79,7 +101,7 @@ class LoraOpsStack:
     def IS_CHANGED(cls, rows="[]", **_kw):
         try:
             parsed = parse_rows(rows)
-        except LoraValueError:
+        except LoraOpsError:
             return rows
         return json.dumps([(r, content_hash(resolve_lora(r["lora"]))) for r in parsed if r["enabled"]])
 

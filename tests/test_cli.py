@@ -52,9 +52,12 @@ def test_convert_every_writable_format(tmp_path, capsys):
 
 def test_errors_are_one_line(tmp_path, capsys):
     src = save_lora(sample_lora("sd1"), tmp_path / "src.safetensors", "kohya")
-    assert main(["convert", str(src), "--to", "kohya", "-o", str(src)]) == 2  # exists, no --overwrite
+    taken = save_lora(sample_lora("sd1", seed=1), tmp_path / "taken.safetensors", "kohya")
+    assert main(["convert", str(src), "--to", "kohya", "-o", str(taken)]) == 2  # exists, no --overwrite
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "overwrite" in err
+    assert err.count("\n") == 1 and "--overwrite" in err
+    assert main(["convert", str(src), "--to", "kohya", "-o", str(src), "--overwrite"]) == 2  # never the input
+    assert "-o is the input" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "missing.safetensors" in err and "Traceback" not in err

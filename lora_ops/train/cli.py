@@ -19,8 +19,9 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
+from pathlib import Path
 
-from ..errors import LoraOpsError, LoraValueError
+from ..errors import LoraFileError, LoraOpsError, LoraValueError
 from .config import DEVICES, DTYPES, LR_SCHEDULES, ON_BAD_DATA, SAVE_FORMATS, TARGETS, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="a local diffusers pipeline folder (SD 1.x or SDXL); nothing is downloaded")
     model.add_argument("--tiny", choices=("sd1", "sdxl"), help="the built-in tiny random-weight model (demos, tests)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load a --model folder whose weights are pickled .bin/.pt files (with torch "
+                        "weights_only=True); pickles can run code")
     p.add_argument("--config", help="JSON file of training settings; the flags below override it")
     p.add_argument("--resume", help="a checkpoint folder, or a <name>-checkpoints folder (its newest checkpoint)")
     p.add_argument("-o", "--output-dir", dest="output_dir", help="where the LoRA, loss JSON/PNG and checkpoints go")
@@ -86,7 +90,17 @@ def _backend(args: argparse.Namespace):
 
         pipe = tiny.tiny_sd1_pipeline() if args.tiny == "sd1" else tiny.tiny_sdxl_pipeline()
         return DiffusersBackend(pipe, model_name=f"tiny-{args.tiny} (random weights)")
-    return DiffusersBackend.from_pretrained(args.model)
+    return DiffusersBackend.from_pretrained(args.model, allow_pickle=getattr(args, "allow_pickle", False))
+
+
+def _check_output_dir(folder: str) -> None:
+    """The output folder may be created, but not its parents: a typo must not scatter a run's files elsewhere."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise LoraFileError("-o/--output-dir: not a folder", file=folder, hint="give a folder for the run's files")
+    if not path.exists() and not path.parent.is_dir():
+        raise LoraFileError(f"-o/--output-dir: the folder {path.parent} does not exist", file=folder,
+                            hint="create it first, or choose another output folder")
 
 
 def _out(text: str) -> None:
@@ -100,6 +114,7 @@ def train_from_args(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.output_dir is None:
         raise LoraValueError("no output folder", hint="give -o/--output-dir")
+    _check_output_dir(config.output_dir)
     result = train(config, _backend(args), args.data, resume_from=args.resume, show_progress=not args.quiet)
     if not result.main_process:
         return 0 if result.status == "completed" else 130
@@ -129,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return train_from_args(args)
     except LoraOpsError as err:
-        sys.stderr.write(f"lora-ops train: error: {err}\n")
+        from ..cli import one_line
+
+        sys.stderr.write(f"lora-ops train: error: {one_line(err)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("lora-ops train: interrupted\n")

@@ -22,11 +22,30 @@ import torch
 from torch import nn
 
 from .. import keymap
-from ..errors import LoraFileError, LoraValueError
+from ..errors import LoraFileError, LoraValueError, UnsafeFileError
 from .backend import Conditioning
 from .schedule import NoiseSchedule
 
 Tensor = torch.Tensor
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SKIPPED_COMPONENTS = ("safety_checker",)
+"""Components `from_pretrained` never loads (passed as None), so their weight files are not checked."""
+
+
+def pickled_weights(folder: Path, index: Mapping[str, Any]) -> list[Path]:
+    """The pickle files diffusers would load from a pipeline ``folder``: for each model component of
+    ``model_index.json``, its pickled weights when the component folder holds no ``.safetensors`` file
+    (diffusers prefers safetensors where both exist)."""
+    found = []
+    for name, spec in index.items():
+        sub = folder / name
+        if name.startswith("_") or name in SKIPPED_COMPONENTS or not isinstance(spec, list) or None in spec:
+            continue
+        if not sub.is_dir() or any(sub.glob("*.safetensors")):
+            continue
+        found += sorted(p for p in sub.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    return found
 
 
 class DiffusersBackend:
@@ -43,21 +62,47 @@ class DiffusersBackend:
         self._gc_before = bool(getattr(pipe.unet, "is_gradient_checkpointing", False))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32) -> DiffusersBackend:
-        """Load a local diffusers pipeline folder (``model_index.json``); never downloads."""
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False
+                        ) -> DiffusersBackend:
+        """Load a local diffusers pipeline folder (``model_index.json``); never downloads.
+
+        Safetensors weights only, unless ``allow_pickle``: a component whose weights are pickled (``.bin``,
+        ``.pt`` …) is refused naming the file, before anything is loaded. With ``allow_pickle`` diffusers and
+        transformers load them with ``torch.load(weights_only=True)`` (their default in the pinned versions; the
+        tests check it).
+        """
         folder = Path(path)
-        index = folder / "model_index.json"
-        if not index.is_file():
+        index_file = folder / "model_index.json"
+        if not index_file.is_file():
             raise LoraFileError("not a diffusers pipeline folder", file=folder, hint="expected model_index.json")
-        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise LoraFileError(f"cannot read model_index.json ({type(err).__name__})", file=index_file) from None
+        if not isinstance(index, dict):
+            raise LoraFileError("model_index.json is not a JSON object", file=index_file)
+        pickles = pickled_weights(folder, index)
+        if pickles and not allow_pickle:
+            raise UnsafeFileError(
+                f"the model's weights are a pickle ({len(pickles)} file(s) without a .safetensors beside them); "
+                "pickle files can run code",
+                file=pickles[0],
+                hint="convert the folder to safetensors (save_pretrained(…, safe_serialization=True)), or pass "
+                     "allow_pickle=True if you trust it",
+            )
+        name = str(index.get("_class_name", ""))
         import diffusers
 
-        if "XL" in name:
-            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
-        else:
-            pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-                folder, torch_dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
-            )
+        options: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True,
+                                   "use_safetensors": None if allow_pickle else True}
+        if "XL" not in name:
+            options.update(safety_checker=None, requires_safety_checker=False)
+        pipeline = diffusers.StableDiffusionXLPipeline if "XL" in name else diffusers.StableDiffusionPipeline
+        try:
+            pipe = pipeline.from_pretrained(folder, **options)
+        except (OSError, ValueError) as err:  # a missing or unreadable component, a config diffusers refuses
+            text = " ".join(str(err).split())
+            raise LoraFileError(f"cannot load the diffusers pipeline ({text[:300]})", file=folder) from None
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, model_name=folder.name)
 
