@@ -474,7 +474,7 @@ def _check_accounting(lora: LoRA, path: Path, case: object, unused: list[str] | 
     alpha_keys = [k for k in file_tensors if k.endswith(".alpha") and k not in unused]
     in_file = Counter(_fingerprint(t) for k, t in file_tensors.items() if k not in unused and k not in alpha_keys)
     in_layers = Counter(_fingerprint(t) for layer in lora.layers.values() for t in layer.tensors().values())
-    file_alphas = Counter(float(file_tensors[k].float().reshape(-1)[0]) for k in alpha_keys
+    file_alphas = Counter(float(file_tensors[k].double().reshape(-1)[0]) for k in alpha_keys
                           if file_tensors[k].numel() == 1)
     layer_alphas = Counter(layer.alpha for layer in lora.layers.values() if layer.alpha is not None)
     missing = in_file - in_layers

@@ -452,3 +452,17 @@ def test_safe_json_limits_and_getters():
     assert safe_json.number_map(None, field="p") == {}
     with pytest.raises(LoraFormatError, match="must be an object"):
         safe_json.number_map([1], field="p")
+
+
+def test_alpha_beyond_fp32_range_round_trips(tmp_path):
+    """A finite alpha fp32 cannot hold is written as fp64, not as Inf that our own reader would then refuse."""
+    import torch as _torch
+
+    from lora_ops.files import load_lora, save_lora
+    from lora_ops.lora import LoRA, LoRALayer
+
+    key = "unet.input_blocks.1.1.proj_in"
+    lora = LoRA({key: LoRALayer(_torch.randn(2, 32), _torch.randn(32, 2), alpha=1e39)}, family="sd1")
+    for fmt in ("kohya", "comfyui", "diffusers"):
+        back = load_lora(save_lora(lora, tmp_path / f"{fmt}.safetensors", fmt))
+        assert back.layers[key].alpha == 1e39, fmt

@@ -153,7 +153,7 @@ def _alpha_value(alpha: Tensor, *, file: str | None, key: str) -> float:
     if alpha.numel() != 1:
         raise LoraFormatError(f"alpha must be a scalar, got shape {tuple(alpha.shape)}", file=file, key=key)
     try:
-        value = float(alpha.detach().float().item())
+        value = float(alpha.detach().double().item())
     except (RuntimeError, NotImplementedError, TypeError) as err:
         raise LoraFormatError(f"alpha of dtype {dtype} cannot be read ({err})", file=file, key=key) from None
     if not math.isfinite(value):
@@ -162,12 +162,17 @@ def _alpha_value(alpha: Tensor, *, file: str | None, key: str) -> float:
 
 
 def alpha_tensor(alpha: float, like: Tensor) -> Tensor:
-    """Alpha as a 0-d tensor in the weights' dtype when that is exact (kohya's habit), else fp32."""
+    """Alpha as a 0-d tensor in the first dtype that holds it exactly: the weights' (kohya's habit), fp32, fp64.
+
+    Exact, so a file reads back to the same ΔW scale: alphas our operations compute (rsLoRA's alpha·√r, rescaled
+    fused layers) or read from JSON configs need not fit fp32, and one beyond its range would become Inf.
+    """
     dtype = like.dtype if like.is_floating_point() else torch.float32
-    t = torch.tensor(alpha, dtype=dtype)
-    if float(t.float().item()) != alpha:
-        t = torch.tensor(alpha, dtype=torch.float32)
-    return t
+    for candidate in (dtype, torch.float32):
+        t = torch.tensor(alpha, dtype=candidate)
+        if float(t.double().item()) == alpha:
+            return t
+    return torch.tensor(alpha, dtype=torch.float64)
 
 
 def layer_tensors(layer: Layer, style: str) -> dict[str, Tensor]:
