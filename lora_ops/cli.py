@@ -293,7 +293,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
+def cmd_combine(args: argparse.Namespace) -> int:
     from .combine import combine
     from .files import save_lora
 
@@ -387,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     rank_options(p, required=True)
     p.set_defaults(func=cmd_resize)
 
-    p = sub.add_parser("merge", help="combine several LoRAs into one (concat, svd, linear, ties, dare)")
+    # "combine", not "merge": elsewhere (Merge & Unload, bake) merging means fusing a LoRA into model weights.
+    # "merge" stays as an alias so existing scripts keep working.
+    p = sub.add_parser("combine", aliases=["merge"],
+                       help="combine several LoRAs into one LoRA (concat, svd, linear, ties, dare); alias: merge")
     p.add_argument("loras", nargs="+", metavar="LORA[:w[:w_text]]")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--method", default="concat",
@@ -396,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction of entries kept")
     p.add_argument("--seed", type=int, default=0, help="dare: random seed (deterministic)")
     rank_options(p, required=False)
-    p.set_defaults(func=cmd_merge)
+    p.set_defaults(func=cmd_combine)
 
     p = sub.add_parser("extract", help="extract a LoRA from a base and a tuned checkpoint (file or diffusers folder)")
     p.add_argument("base")

@@ -35,11 +35,11 @@ from . import lora as L
 from . import safe_json
 from .errors import LoraFormatError, LoraValueError
 from .inspect import TRIGGER_KEYS
-from .linalg import FactoredSVD, common_shape, delta_shape, dense_svd, flat_factors, sum_svd
+from .linalg import FactoredSVD, common_shape, dense_svd, flat_factors, sum_svd
 from .lora import Layer, LoRA, LoRALayer
 from .progress import Progress, track
 from .rank_rules import Fixed, RankRule, as_rule, choose_rank, choose_ranks
-from .resize import LayerReport, _summary, fixed_bytes, is_big_conv, layer_report, updated_metadata
+from .resize import LayerReport, fixed_bytes, is_big_conv, layer_report, summary_text, updated_metadata
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class CombineReport:
         }
 
     def summary(self) -> str:
-        return _summary(self.layers, self.old_bytes, self.new_bytes, f"combine {len(self.weights)} ({self.method})")
+        return summary_text(self.layers, self.old_bytes, self.new_bytes, f"combine {len(self.weights)} ({self.method})")
 
 
 _BLOCK = re.compile(r"^unet\.(?:(input_blocks|output_blocks|double_blocks|single_blocks)\.(\d+)|(middle_block))\.")
@@ -247,7 +247,7 @@ def _check_terms(key: str, terms: Terms) -> None:
                 key=key,
                 hint="merge DoRA LoRAs into the model instead",
             )
-        shape = common_shape(shape, delta_shape(layer), key)
+        shape = common_shape(shape, layer.delta_shape, key)
 
 
 def _common_family(loras: Sequence[LoRA]) -> str | None:
@@ -274,7 +274,7 @@ def _rule_for(terms: Terms, rule: RankRule | None, conv_rule: RankRule | None) -
 def _source_rank(layer: Layer) -> int:
     if isinstance(layer, LoRALayer):
         return layer.rank
-    shape = delta_shape(layer)
+    shape = layer.delta_shape
     return min(shape[0], math.prod(shape[1:]))  # LoHa/LoKr: no rank to speak of, count it as full
 
 
@@ -307,7 +307,7 @@ def _concat_report(key: str, terms: Terms, layer: LoRALayer) -> LayerReport:
     """Concat is exact: nothing discarded, no spectrum computed (that would cost what concat avoids)."""
     r = layer.rank
     sources = tuple(i for i, _, _ in terms)
-    return LayerReport(key, _kind(terms), delta_shape(layer), r, r, 100.0, 100.0, None, 0.0, (), sources)
+    return LayerReport(key, _kind(terms), layer.delta_shape, r, r, 100.0, 100.0, None, 0.0, (), sources)
 
 
 def _merged_svd(
@@ -318,7 +318,7 @@ def _merged_svd(
         return sum_svd([(layer, w) for _, layer, w in terms], compute, key=key)
     shape = None
     for _, layer, _ in terms:
-        shape = common_shape(shape, delta_shape(layer), key)
+        shape = common_shape(shape, layer.delta_shape, key)
     tvs = [w * layer.delta(compute).reshape(shape) for _, layer, w in terms]  # task vectors τᵢ = wᵢ·ΔWᵢ
     gen = layer_generator(seed, key) if method.startswith("dare") else None
     if method == "linear":

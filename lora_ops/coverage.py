@@ -15,11 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-import torch
-
 from . import keymap
 from .errors import LoraValueError
-from .lora import Layer, LoRA, LoRALayer, part_of
+from .lora import LoRA, part_of
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +107,6 @@ def group_of(key: str) -> str:
     return ".".join(parts[:cut]) + (".*" if cut < len(parts) else "")
 
 
-def delta_shape(layer: Layer) -> Shape:
-    """The shape of the layer's ΔW, without forming it (LyCORIS layers are traced on the meta device)."""
-    if isinstance(layer, LoRALayer):
-        kernel = tuple(layer.mid.shape[2:]) if layer.mid is not None else tuple(layer.down.shape[2:])
-        return (int(layer.up.shape[0]), int(layer.down.shape[1]), *kernel)
-    meta = layer.with_tensors(
-        {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in layer.tensors().items()}
-    )
-    return tuple(meta.delta().shape)
-
-
 def shapes_fit(delta: Shape, weight: Shape) -> bool:
     """Whether a ΔW of shape ``delta`` can be added to ``weight``: equal, or the same outputs and the same numel
     with one side flat (a LyCORIS 2-D ΔW on a conv, a linear LoRA on a 1×1 conv)."""
@@ -181,7 +168,7 @@ def check_coverage(
         if key not in targets:
             unmatched.append(key)
             continue
-        dshape, wshape = delta_shape(layer), tuple(targets[key])
+        dshape, wshape = layer.delta_shape, tuple(targets[key])
         if shapes_fit(dshape, wshape):
             matched.append(key)
         else:

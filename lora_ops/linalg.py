@@ -100,13 +100,6 @@ class FactoredSVD:
         return flat.reshape(self.shape)
 
 
-def delta_shape(layer: Layer) -> tuple[int, ...]:
-    """The shape of ΔW without forming it (LyCORIS layers: formed, they have no cheaper way)."""
-    if isinstance(layer, LoRALayer):
-        if layer.mid is not None:
-            return (layer.up.shape[0], layer.down.shape[1], *layer.mid.shape[2:])
-        return (layer.up.shape[0], *layer.down.shape[1:])
-    return tuple(layer.delta().shape)
 
 
 def flat_factors(layer: Layer, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, tuple[int, ...]]:
@@ -125,7 +118,7 @@ def flat_factors(layer: Layer, dtype: torch.dtype = torch.float32) -> tuple[Tens
         a = core.flatten(1)  # (r, in·kh·kw)
     else:
         a = down.flatten(1)  # (r, in·kh·kw)
-    return up * layer.scale, a, delta_shape(layer)
+    return up * layer.scale, a, layer.delta_shape
 
 
 GRAM_BLOCK = 64  # column block of `gram_matrix`: 64 measured fastest for d×384 fp64 on one thread

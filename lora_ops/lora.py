@@ -133,6 +133,12 @@ class LoRALayer:
     def is_conv(self) -> bool:
         return self.down.ndim == 4
 
+    @property
+    def delta_shape(self) -> tuple[int, ...]:
+        """The shape of ΔW, (out, in) or (out, in, kh, kw), read from the factors without forming ΔW."""
+        kernel = self.mid.shape[2:] if self.mid is not None else self.down.shape[2:]
+        return (int(self.up.shape[0]), int(self.down.shape[1]), *map(int, kernel))
+
     def tensors(self) -> dict[str, Tensor]:
         """The layer's tensors by role (for casting, counting and hashing)."""
         out = {"down": self.down, "up": self.up}
@@ -184,7 +190,7 @@ class LycorisLayer:
         if self.kind not in ("loha", "lokr"):
             raise LoraFormatError(f"unknown LyCORIS layer kind '{self.kind}'")
         object.__setattr__(self, "parts", MappingProxyType(dict(self.parts)))
-        lycoris_delta_shape(self.kind, self.parts)
+        object.__setattr__(self, "_delta_shape", lycoris_delta_shape(self.kind, self.parts))
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
 
     @property
@@ -207,6 +213,11 @@ class LycorisLayer:
     @property
     def is_conv(self) -> bool:
         return any(t.ndim == 4 for t in self.parts.values())
+
+    @property
+    def delta_shape(self) -> tuple[int, ...]:
+        """The shape `delta` returns (checked from the parts when the layer was made; ΔW is not formed)."""
+        return self._delta_shape  # type: ignore[attr-defined]
 
     def tensors(self) -> dict[str, Tensor]:
         return dict(self.parts)

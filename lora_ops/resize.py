@@ -88,7 +88,7 @@ class ResizeReport:
         }
 
     def summary(self) -> str:
-        return _summary(self.layers, self.old_bytes, self.new_bytes, f"resize ({self.rule})")
+        return summary_text(self.layers, self.old_bytes, self.new_bytes, f"resize ({self.rule})")
 
 
 def layer_report(
@@ -281,7 +281,8 @@ def resized_metadata(metadata: Mapping[str, str], out: LoRA, report: ResizeRepor
     return updated_metadata(metadata, out, f"resized by lora-ops from rank {old_desc} to {report.rule}{conv}")
 
 
-def _summary(reports: Sequence[LayerReport], old_bytes: int, new_bytes: int, what: str) -> str:
+def summary_text(reports: Sequence[LayerReport], old_bytes: int, new_bytes: int, what: str) -> str:
+    """One line for a resize or combine: layers, ranks before → after, bytes before → after (shared by both)."""
     kept = [r.new_rank for r in reports if r.new_rank > 0]
     olds = [r.old_rank for r in reports]
     if not reports:

@@ -1,4 +1,4 @@
-"""`lora-ops resize` and `lora-ops merge` end to end on files; outputs load back and keep their promises."""
+"""`lora-ops resize` and `lora-ops combine` (alias `merge`) end to end: outputs load back and keep their promises."""
 
 import json
 

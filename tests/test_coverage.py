@@ -11,7 +11,6 @@ from lora_ops.coverage import (
     CoverageReport,
     check_coverage,
     combine_reports,
-    delta_shape,
     group_of,
     shapes_fit,
 )
@@ -131,9 +130,14 @@ def test_delta_shape_without_forming_delta():
         L.LycorisLayer(
             "lokr", {"lokr_w1": torch.randn(2, 4, generator=g), "lokr_w2": torch.randn(4, 4, 3, 3, generator=g)}
         ),
+        L.LycorisLayer("lokr", {"lokr_w1": torch.randn(2, 4, generator=g), "lokr_t2": torch.randn(2, 2, 3, 3),
+                                "lokr_w2_a": torch.randn(2, 4), "lokr_w2_b": torch.randn(2, 4)}),
+        L.LycorisLayer("loha", {"hada_t1": torch.randn(2, 2, 3, 3), "hada_w1_a": torch.randn(2, 8),
+                                "hada_w1_b": torch.randn(2, 16), "hada_t2": torch.randn(2, 2, 3, 3),
+                                "hada_w2_a": torch.randn(2, 8), "hada_w2_b": torch.randn(2, 16)}),
     ]
     for layer in layers:
-        assert delta_shape(layer) == tuple(layer.delta().shape)
+        assert layer.delta_shape == tuple(layer.delta().shape)
 
 
 def test_flat_delta_on_a_conv_counts_as_matching():

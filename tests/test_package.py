@@ -58,16 +58,22 @@ def test_readme_cli_reference_parses():
         "inspect": ["inspect", "f.safetensors", "--json"],
         "convert": ["convert", "a", "--to", "kohya", "-o", "b", "--component", "unet"],
         "resize": ["resize", "a", "-o", "b", "--sv-fro", "0.9", "--conv-rank", "4", "--report", "r", "--plot", "p"],
-        "merge": ["merge", "a:0.7", "b:0.5:0.3", "-o", "c", "--method", "svd", "--rank", "8"],
+        "combine": ["combine", "a:0.7", "b:0.5:0.3", "-o", "c", "--method", "svd", "--rank", "8"],
         "extract": ["extract", "a", "b", "-o", "c", "--rank", "8"],
         "bake": ["bake", "ck", "l:1:0.5", "-o", "out", "--dtype", "fp16"],
         "train": ["train", "data", "--tiny", "sd1", "-o", "out", "--rank", "8", "--max-steps", "10"],
         "demo": ["demo", "--out", "d", "--steps", "20"],
     }
     documented = [line.split()[1] for line in block.splitlines() if line.startswith("lora-ops ")]
-    assert set(documented) == set(samples) == set(build_parser()._subparsers._group_actions[0].choices)
+    choices = build_parser()._subparsers._group_actions[0].choices
+    aliases = {"merge": "combine"}  # the old name of combine, kept for scripts (merging means fusing elsewhere)
+    assert set(documented) == set(samples) == set(choices) - set(aliases)
     for argv in samples.values():
         build_parser().parse_args(argv)
+    for alias, name in aliases.items():
+        assert choices[alias] is choices[name]
+        assert build_parser().parse_args([alias, "a", "-o", "b"]).func is build_parser().parse_args(
+            [name, "a", "-o", "b"]).func
 
 
 def test_demo_steps_must_be_a_positive_whole_number(capsys):
