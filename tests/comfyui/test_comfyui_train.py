@@ -122,7 +122,12 @@ def test_train_in_graph_learns_and_applies(comfy, graph_inputs, output, progress
     t, ctx = torch.tensor([500.0]), positive[0][0]
     before = predict_base(model, x, t, ctx)
     lora, new_model, plot, report = run_train(graph_inputs, 30)
-    assert [v for v, _ in progress_hook] == list(range(1, 31)) and {n for _, n in progress_hook} == {30}
+    values = [v for v, _ in progress_hook]
+    assert {n for _, n in progress_hook} == {30} and values[0] == 1 and values[-1] == 30
+    if hasattr(comfy.comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL"):  # newer ComfyUI throttles what reaches the hook
+        assert values == sorted(set(values))
+    else:
+        assert values == list(range(1, 31))  # every step reported (0.3.64 passes every update on)
     # every attention projection of the tiny UNet got a layer, and it applies fully
     cov = comfy_host.apply_loras(model, None, [(lora, 1.0, 1.0)])[2]
     assert len(lora.layers) == len(cov.matched) and not cov.unmatched and len(lora.layers) > 0
