@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from .errors import LoraFileError, LoraOpsError, LoraValueError, reword
+from .lora import MAX_STRENGTH
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -38,11 +39,6 @@ CLI_WORDING = (
 """The library's API wording → this CLI's flags, for error hints and the inspect report (regex, replacement).
 
 The `` / --flag`` tails are what older library messages carried; the table accepts both spellings."""
-
-MAX_STRENGTH = 100.0
-"""Largest |strength| accepted in ``FILE:w[:w_text]``. ComfyUI's own LoraLoader stops at ±100, and a LoRA at 100×
-its trained strength already turns an image into noise: a larger number is a typo (``1e9`` for ``1e-9``, a lost
-decimal point), refused before anything is loaded or written."""
 
 _PATH_ENDINGS = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
 

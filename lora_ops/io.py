@@ -122,7 +122,7 @@ def _stat_file(path: Path) -> os.stat_result:
     except FileNotFoundError:
         raise LoraFileError("file not found", file=path, hint="check the path and file name") from None
     except (OSError, ValueError) as err:
-        raise LoraFileError(f"cannot access the file ({_one_line(err)})", file=path) from None
+        raise LoraFileError(f"cannot access the file ({one_line(err)})", file=path) from None
     _check_regular(st, path)
     return st
 
@@ -162,7 +162,7 @@ def _open_regular(path: Path) -> tuple[BinaryIO, int]:
     except FileNotFoundError:
         raise LoraFileError("file not found", file=path, hint="check the path and file name") from None
     except (OSError, ValueError) as err:
-        raise LoraFileError(f"cannot read the file ({_one_line(err)})", file=path) from None
+        raise LoraFileError(f"cannot read the file ({one_line(err)})", file=path) from None
     try:
         st = os.fstat(fd)
         _check_regular(st, path)
@@ -279,7 +279,7 @@ def _read(f: BinaryIO, n: int, path: Path) -> bytes:
     try:
         return f.read(n)
     except OSError as err:
-        raise LoraFileError(f"cannot read the file ({_one_line(err)})", file=path) from None
+        raise LoraFileError(f"cannot read the file ({one_line(err)})", file=path) from None
 
 
 def _too_many_tensors(count: int | str, path: Path) -> LoraFileError:
@@ -357,7 +357,7 @@ def _read_header(f: BinaryIO, size: int, path: Path) -> tuple[dict, int]:
     except _DuplicateKey as err:
         raise LoraFileError("corrupt header: key appears twice", file=path, key=str(err)) from None
     except ValueError as err:  # json.JSONDecodeError is a ValueError
-        raise LoraFileError(f"corrupt header: not valid JSON ({_one_line(err)})", file=path) from None
+        raise LoraFileError(f"corrupt header: not valid JSON ({one_line(err)})", file=path) from None
     except RecursionError:
         raise LoraFileError("corrupt header: JSON nested too deeply", file=path) from None
     if not isinstance(header, dict):
@@ -566,7 +566,7 @@ def load_state_dict(
         except LoraFileError:
             raise
         except Exception as err:  # the header was valid, so this is I/O, a device problem or a library bug
-            raise LoraFileError(f"cannot load the tensors ({_one_line(err)})", file=path) from err
+            raise LoraFileError(f"cannot load the tensors ({one_line(err)})", file=path) from err
     log.debug("loaded %d tensors from %s", len(tensors), path)
     return tensors, metadata
 
@@ -606,7 +606,7 @@ def _read_tensors(f: BinaryIO, entries: dict, data_start: int, size: int, path: 
             try:
                 got = f.readinto(view[filled:])
             except OSError as err:
-                raise LoraFileError(f"cannot read the file ({_one_line(err)})", file=path) from None
+                raise LoraFileError(f"cannot read the file ({one_line(err)})", file=path) from None
             if not got:
                 raise LoraFileError("truncated while reading the tensors", file=path, hint=_REDOWNLOAD_HINT)
             filled += got
@@ -660,14 +660,14 @@ def _load_pickle(f: BinaryIO, path: Path, device: str | torch.device) -> dict[st
         obj = torch.load(f, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
         match = _UNPICKLER_REASON.search(str(err))
-        detail = match.group(1).strip() if match else _one_line(err)
+        detail = match.group(1).strip() if match else one_line(err)
         raise UnsafeFileError(
             f"holds Python objects that safe loading (weights_only) refuses: {detail}",
             file=path,
             hint="only tensors and plain containers are loaded from pickles; convert the file to .safetensors",
         ) from None
     except Exception as err:
-        raise LoraFileError(f"cannot read the torch file ({_one_line(err)})", file=path) from None
+        raise LoraFileError(f"cannot read the torch file ({one_line(err)})", file=path) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -740,21 +740,11 @@ def resolve_path(path: StrPath) -> Path:
     return _resolve(Path(path), Path(path))
 
 
-def check_metadata(metadata: Mapping[str, str] | None, target: StrPath) -> dict[str, str] | None:
-    """``metadata`` as a plain str→str dict (None if empty), or a `LoraFileError` naming ``target`` and the key."""
-    return _check_metadata(metadata, Path(target))
-
-
-def one_line(err: BaseException) -> str:
-    """The first non-empty line of an exception message, for error messages worded elsewhere."""
-    return _one_line(err)
-
-
 def _resolve(path: Path, shown: Path) -> Path:
     try:
         return path.expanduser().resolve()
     except (OSError, RuntimeError, ValueError) as err:  # symlink loops, NUL bytes
-        raise LoraFileError(f"cannot resolve the path ({_one_line(err)})", file=shown) from None
+        raise LoraFileError(f"cannot resolve the path ({one_line(err)})", file=shown) from None
 
 
 def _prepare_tensors(tensors: Mapping[str, Tensor], target: Path) -> dict[str, Tensor]:
@@ -787,7 +777,8 @@ def _prepare_tensors(tensors: Mapping[str, Tensor], target: Path) -> dict[str, T
     return out
 
 
-def _check_metadata(metadata: Mapping[str, str] | None, target: Path) -> dict[str, str] | None:
+def check_metadata(metadata: Mapping[str, str] | None, target: StrPath) -> dict[str, str] | None:
+    """``metadata`` as a plain str→str dict (None if empty), or a `LoraFileError` naming ``target`` and the key."""
     if metadata is None:
         return None
     if not isinstance(metadata, Mapping):
@@ -827,7 +818,7 @@ def save_state_dict(
     """
     target = safe_join(root, path) if root is not None else resolve_path(path)
     prepared = _prepare_tensors(tensors, target)
-    meta = _check_metadata(metadata, target)
+    meta = check_metadata(metadata, target)
     if target.is_dir():
         raise LoraFileError("is a folder; give a file name ending in .safetensors", file=target)
     if target.exists() and not overwrite:
@@ -839,9 +830,9 @@ def save_state_dict(
             _write_safetensors(prepared, meta, tmp)
     except Exception as err:
         if not entered:
-            raise LoraFileError(f"cannot create the output folder or file ({_one_line(err)})", file=target) from None
+            raise LoraFileError(f"cannot create the output folder or file ({one_line(err)})", file=target) from None
         reason = "cannot write" if isinstance(err, OSError) else "cannot serialize"
-        raise LoraFileError(f"{reason} the file ({_one_line(err)}); nothing was changed", file=target) from err
+        raise LoraFileError(f"{reason} the file ({one_line(err)}); nothing was changed", file=target) from err
     log.debug("saved %d tensors to %s", len(prepared), target)
     return target
 
@@ -858,7 +849,7 @@ def _sha256_from(path: Path, offset: int, chunk: int) -> str:
             while block := f.read(chunk):
                 digest.update(block)
     except OSError as err:
-        raise LoraFileError(f"cannot read the file ({_one_line(err)})", file=path) from None
+        raise LoraFileError(f"cannot read the file ({one_line(err)})", file=path) from None
     return digest.hexdigest()
 
 
@@ -880,7 +871,7 @@ def safetensors_model_hash(path: StrPath, chunk: int = 1 << 20) -> str:
     return _sha256_from(path, data_start, chunk)
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     """The first non-empty line of an exception message (library errors can span a page)."""
     for line in str(err).splitlines():
         if line.strip():

@@ -52,9 +52,14 @@ def check_factor(role: str, t: object, ndims: tuple[int, ...], *, nonempty: bool
     if t.ndim not in ndims:
         want = " or ".join(f"{n}-D" for n in ndims)
         raise LoraFormatError(f"{role} must be {want}, got shape {tuple(t.shape)}", key=role)
-    if nonempty and t.numel() == 0:
-        raise LoraFormatError(f"{role} has an empty dimension: shape {tuple(t.shape)}", key=role)
+    if nonempty:
+        check_nonempty(role, t)
     return t
+
+
+def check_nonempty(role: str, t: Tensor) -> None:
+    if t.numel() == 0:
+        raise LoraFormatError(f"{role} has an empty dimension: shape {tuple(t.shape)}", key=role)
 
 
 def check_alpha(alpha: object) -> float | None:
@@ -96,8 +101,8 @@ class LoRALayer:
             raise LoraFormatError(f"mismatched ranks: down has rank {r_down}, up has rank {r_up}")
         if r_down == 0:
             raise LoraFormatError("rank 0: the layer has no components")
-        check_factor("down", self.down, (2, 4))
-        check_factor("up", self.up, (2, 4))
+        check_nonempty("down", self.down)  # after the rank checks, whose messages say more about rank 0
+        check_nonempty("up", self.up)
         if self.up.ndim == 4 and tuple(self.up.shape[2:]) != (1, 1):
             raise LoraFormatError(f"up of a conv layer must be out×r×1×1, got {tuple(self.up.shape)}", key="up")
         if self.mid is not None:
@@ -250,7 +255,7 @@ class LycorisLayer:
         return replace(self, parts=parts)
 
 
-LYCORIS_PART_NAMES = {
+LYCORIS_PARTS = {
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
     "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
 }
@@ -263,7 +268,7 @@ def lycoris_delta_shape(kind: str, parts: Mapping[str, Tensor]) -> tuple[int, ..
     *and* ``lokr_w1_a``/``_b`` would leave one unused), and that the factors multiply: LoHa's two Hadamard
     factors must have the same shape (torch would otherwise broadcast them into something else or fail).
     """
-    names = LYCORIS_PART_NAMES[kind]
+    names = LYCORIS_PARTS[kind]
     unknown = sorted(set(parts) - set(names))
     if unknown:
         raise LoraFormatError(f"{kind} layer has unknown parts {unknown}", key=unknown[0])
@@ -382,6 +387,12 @@ def part_of(key: str) -> str:
 
 def is_text_encoder_key(key: str) -> bool:
     return part_of(key).startswith("te")
+
+
+MAX_STRENGTH = 100.0
+"""Largest |strength| the CLI (``FILE:w[:w_text]``) and the Stack node accept. ComfyUI's own LoraLoader stops at
+±100, and a LoRA at 100× its trained strength already turns an image into noise: a larger number is a typo
+(``1e9`` for ``1e-9``, a lost decimal point), refused before anything is loaded or written."""
 
 
 def scale(lora: LoRA, weight: float, weight_text: float | None = None) -> LoRA:

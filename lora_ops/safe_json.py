@@ -169,9 +169,7 @@ def finite_number(value: object, *, field: str, file: str | Path | None = None, 
 
 def positive_int(value: object, *, field: str, file: str | Path | None = None, key: str | None = None) -> int:
     """``value`` as an int ≥ 1; ``bool`` and floats (even integral ones) are refused: a rank is a count."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise LoraFormatError(f"'{field}' must be a positive integer, got {_got(value)}", **_where(file, key))
-    if value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise LoraFormatError(f"'{field}' must be a positive integer, got {_got(value)}", **_where(file, key))
     return value
 

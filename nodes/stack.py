@@ -12,13 +12,12 @@ import math
 from ..lora_ops import safe_json
 from ..lora_ops.errors import LoraFormatError, LoraOpsError, LoraValueError
 from ..lora_ops.files import load_lora
+from ..lora_ops.lora import MAX_STRENGTH
 from . import comfy_env
 from .load import content_hash, resolve_lora
 from .types import CATEGORY, LORA, LORA_STACK, StackEntry
 
 EXAMPLE_ROWS = '[{"lora": "my_style.safetensors", "enabled": true, "strength_model": 1.0, "strength_clip": 1.0}]'
-MAX_STRENGTH = 100.0
-"""Largest |strength| in a row, as for ``lora-ops merge FILE:w`` (ComfyUI's LoraLoader stops at ±100 too)."""
 MAX_ROWS_CHARS = 1_000_000
 """Longest rows text accepted (a row is ~100 characters)."""
 

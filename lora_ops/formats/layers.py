@@ -13,11 +13,10 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ..errors import LoraFormatError
-from ..lora import COMPUTE_DTYPES, LYCORIS_PART_NAMES, Layer, LoRALayer, LycorisLayer
+from ..lora import COMPUTE_DTYPES, LYCORIS_PARTS, Layer, LoRALayer, LycorisLayer
 
 Tensor = torch.Tensor
 
-LYCORIS_PARTS = LYCORIS_PART_NAMES
 
 # Suffix → role. Roles: down, up, mid, alpha, dora_scale, or a LyCORIS part name.
 KOHYA_SUFFIXES = {
