@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from . import families
 from .errors import LoraFileError, LoraOpsError, LoraValueError, reword
 from .lora import MAX_STRENGTH
 
@@ -174,14 +175,14 @@ def _peft_layers(args: argparse.Namespace, lora) -> list[str]:
     """The layers a PEFT file of ``--component`` gets (a PEFT file holds one model); refuses an empty one."""
     from collections import Counter
 
-    from .formats.diffusers import COMPONENTS, PARTS
-    from .lora import part_of
+    from .formats.diffusers import component_of
 
-    have = Counter(PARTS.get(part_of(key), part_of(key)) for key in lora.layers)
+    components = {key: component_of(key, lora.family) for key in lora.layers}
+    have = Counter(components.values())
     component = args.component or (next(iter(have)) if len(have) == 1 else None)
     if component is None:
         return list(lora.layers)  # several models: write_lora refuses, naming them
-    kept = [k for k in lora.layers if part_of(k) == COMPONENTS[component]]
+    kept = [k for k, c in components.items() if c == component]
     if not kept:
         listing = ", ".join(f"{c}: {n} layers" for c, n in sorted(have.items()))
         raise LoraValueError(f"this LoRA has no {component} layers ({listing}); nothing was written",
@@ -328,7 +329,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--family", choices=["sd1", "sdxl"], help="model family, when the keys do not tell")
+    p.add_argument("--family", choices=families.IDS, help="model family, when the keys do not tell")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also read legacy .pt/.ckpt/.bin files (with torch weights_only=True); pickles can run code")
     p.add_argument("--lenient", action="store_true", help="load the layers that are understood and list the rest")
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("--to", required=True, choices=WRITABLE)
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--component", choices=["unet", "text_encoder", "text_encoder_2"],
+    p.add_argument("--component", choices=["unet", "transformer", "text_encoder", "text_encoder_2"],
                    help="with --to peft: which model to write (a PEFT file holds one)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     _add_load_options(p)

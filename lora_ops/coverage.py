@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from . import keymap
+from . import families, fused
 from .errors import LoraValueError
 from .lora import LoRA, part_of
 
@@ -23,15 +23,12 @@ log = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
 
-FAMILY_LABELS = {"sd1": "SD1.x", "sdxl": "SDXL"}
 MAX_GROUPS_SHOWN = 4
 
 
 def family_label(family: str | None) -> str:
-    """The family as users know it ("SD1.x", "SDXL"); unknown families keep their name."""
-    if family is None:
-        return "unknown-family"
-    return FAMILY_LABELS.get(family, family)
+    """The family as users know it ("SD1.x", "FLUX.1"); unknown families keep their name."""
+    return families.label(family)
 
 
 def _with_article(label: str) -> str:
@@ -116,11 +113,30 @@ def shapes_fit(delta: Shape, weight: Shape) -> bool:
     return flat and delta[0] == weight[0] and math.prod(delta) == math.prod(weight)
 
 
+def target_shape(key: str, family: str | None, targets: Mapping[str, Shape]) -> Shape | None:
+    """The shape a layer must fit: its weight's, or for a part key (``…linear1[mlp]``) the part's rows of it.
+
+    The part's rows come from the weight's own row count and the family's `FusedWeight` (no widths assumed);
+    a weight whose rows do not split into the parts is reported as a shape mismatch by the caller.
+    """
+    module, part = fused.parse_key(key)
+    if module not in targets:
+        return None
+    shape = tuple(targets[module])
+    if part is None:
+        return shape
+    spec = families.get(family).fused_weight(module.removeprefix("unet.")) if family is not None else None
+    if spec is None or not shape or shape[0] % spec.total or part not in {p.name for p in spec.parts}:
+        return (0, *shape[1:])  # cannot place it: a mismatch, named with the weight's shape
+    _, length = spec.rows(part, spec.unit_of_weight(shape[0]))
+    return (length, *shape[1:])
+
+
 def _lora_family(lora: LoRA) -> str | None:
     """The family the LoRA says it is for, else the one its UNet keys give away."""
     if lora.family is not None:
         return lora.family
-    return keymap.detect_unet_family(k for k in lora.layers if part_of(k) == "unet")
+    return families.detect(fused.parse_key(k)[0] for k in lora.layers if part_of(k) == "unet")
 
 
 def _hint(report: CoverageReport, lora: LoRA, targets: Mapping[str, Shape]) -> str:
@@ -165,10 +181,11 @@ def check_coverage(
         raise LoraValueError("the LoRA has no layers", hint="nothing to apply")
     matched, unmatched, mismatched = [], [], {}
     for key, layer in lora.layers.items():
-        if key not in targets:
+        wshape = target_shape(key, lora.family, targets)
+        if wshape is None:
             unmatched.append(key)
             continue
-        dshape, wshape = layer.delta_shape, tuple(targets[key])
+        dshape = layer.delta_shape
         if shapes_fit(dshape, wshape):
             matched.append(key)
         else:

@@ -6,14 +6,15 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from . import families, fused, safe_json
 from . import lora as L
-from . import safe_json
 from .errors import LoraFormatError
 from .lora import LoRA
 
@@ -64,6 +65,26 @@ def non_finite_layers(lora: LoRA) -> list[str]:
     return bad
 
 
+def fused_weight_counts(lora: LoRA) -> dict[str, dict[str, int]]:
+    """Fused-weight pattern (block index as ``*``) → layers per part, ``whole`` for layers on the full weight.
+
+    Tells at a glance whether a FLUX.1 LoRA updates ``linear1`` whole (kohya) or per q/k/v/mlp (diffusers), and
+    which parts a partial LoRA leaves alone.
+    """
+    if lora.family is None:
+        return {}
+    fam = families.get(lora.family)
+    out: dict[str, Counter] = {}
+    for key in lora.layers:
+        module, part = fused.parse_key(key)
+        path = module.removeprefix("unet.")
+        if module == path or fam.fused_weight(path) is None:
+            continue
+        pattern = re.sub(r"\.\d+\.", ".*.", path, count=1)
+        out.setdefault(pattern, Counter())[part or "whole"] += 1
+    return {p: dict(c) for p, c in sorted(out.items())}
+
+
 def inspect_lora(lora: LoRA, file: str | Path | None = None) -> dict:
     parts = Counter(L.part_of(k) for k in lora.layers)
     ranks = Counter(layer.rank for layer in lora.layers.values())
@@ -79,6 +100,7 @@ def inspect_lora(lora: LoRA, file: str | Path | None = None) -> dict:
         "family": lora.family,
         "layers": len(lora.layers),
         "parts": dict(sorted(parts.items())),
+        "fused_weights": fused_weight_counts(lora),
         "kinds": dict(sorted(kinds.items())),
         "conv_layers": sum(1 for layer in lora.layers.values() if layer.is_conv),
         "ranks": {str(r): n for r, n in sorted(ranks.items())},
@@ -101,6 +123,8 @@ def format_report(report: Mapping) -> str:
         f"format: {report['format']}   family: {report['family'] or 'unknown'}",
         f"layers: {report['layers']}  ({', '.join(f'{p}: {n}' for p, n in report['parts'].items())})"
         f"   kinds: {', '.join(f'{k}: {n}' for k, n in report['kinds'].items())}   conv: {report['conv_layers']}",
+        *(f"fused {p}: " + ", ".join(f"{part} ×{n}" for part, n in counts.items())
+          for p, counts in (report.get("fused_weights") or {}).items()),
         f"ranks: {', '.join(f'{r} ×{n}' for r, n in report['ranks'].items())}",
         f"alphas: {', '.join(f'{a} ×{n}' for a, n in report['alphas'].items())}",
         f"dtypes: {', '.join(report['dtypes'])}   parameters: {report['parameters']:,}"

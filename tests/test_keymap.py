@@ -177,7 +177,7 @@ def test_unet_unknown_family_raises():
 
 
 def test_layout_table():
-    assert keymap.FAMILIES == ("sd1", "sdxl")
+    assert keymap.unet_families() == ("sd1", "sdxl")  # the UNet families of the registry
     sd1, sdxl = keymap.unet_layout("sd1"), keymap.unet_layout("sdxl")
     assert (sd1.levels, sdxl.levels) == (4, 3)
     assert sdxl.text_time_embedding and not sd1.text_time_embedding
@@ -253,8 +253,9 @@ def test_kohya_vocabulary_can_grow(monkeypatch):
 
     monkeypatch.setattr(kohya_names, "_COMPOUNDS", set(kohya_names._COMPOUNDS))  # leave the real table alone
     monkeypatch.setattr(kohya_names, "_MAX_PIECES", kohya_names._MAX_PIECES)
+    assert keymap.kohya_to_dotted("outer_blocks_0_img_attn_test_only_qkv") == "outer.blocks.0.img_attn.test.only.qkv"
     keymap.register_compound_tokens(["img_attn_test_only"])
-    assert keymap.kohya_to_dotted("double_blocks_0_img_attn_test_only_qkv") == "double.blocks.0.img_attn_test_only.qkv"
+    assert keymap.kohya_to_dotted("outer_blocks_0_img_attn_test_only_qkv") == "outer.blocks.0.img_attn_test_only.qkv"
     assert "img_attn_test_only" in keymap.compound_tokens()
     with pytest.raises(LoraValueError):
         keymap.register_compound_tokens(["plain"])

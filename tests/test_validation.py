@@ -323,9 +323,9 @@ DUPLICATES = [
     ("kohya-te-te1", {**lora_pair(f"lora_te_text_model_{TE_Q}"), **lora_pair(f"lora_te1_text_model_{TE_Q}")},
      [f"lora_te_text_model_{TE_Q}.lora_down.weight", f"lora_te1_text_model_{TE_Q}.lora_down.weight"]),
     # kohya: text_projection lives beside text_model; spelled inside it, it is still the same module
-    ("kohya-te-text_projection", {**lora_pair("lora_te2_text_projection"),
-                                  **lora_pair("lora_te2_text_model_text_projection")},
-     ["lora_te2_text_projection.lora_down.weight", "lora_te2_text_model_text_projection.lora_down.weight"]),
+    ("kohya-te-text_projection", {**lora_pair("lora_te_text_projection"),
+                                  **lora_pair("lora_te_text_model_text_projection")},
+     ["lora_te_text_projection.lora_down.weight", "lora_te_text_model_text_projection.lora_down.weight"]),
     # diffusers: one module with lora_A and the older lora.down spelling
     ("diffusers-two-suffixes", {**lora_pair(f"unet.{DIFF_Q}", ".lora_A.weight", ".lora_B.weight"),
                                 f"unet.{DIFF_Q}.lora.down.weight": rnd(2, 8)},

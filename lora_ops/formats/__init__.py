@@ -15,7 +15,7 @@ import torch
 
 from ..errors import LoraFormatError
 from ..lora import LoRA
-from . import comfyui, diffusers, kohya
+from . import bare, comfyui, diffusers, kohya, xlabs
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,15 @@ FORMATS: dict[str, Format] = {
                diffusers.write_peft),
         Format("lycoris", "LyCORIS LoHa/LoKr (kohya names, hada_*/lokr_*), read-only", kohya.detect_lycoris,
                kohya.read, None),
-        Format("kohya", "kohya sd-scripts: lora_unet_/lora_te_ + lora_down/lora_up/alpha", kohya.detect, kohya.read,
-               kohya.write),
+        Format("xlabs", "XLabs FLUX.1: <block>.processor.qkv_lora1.down.weight, read-only", xlabs.detect, xlabs.read,
+               None),
+        Format("kohya", "kohya sd-scripts: lora_unet_/lora_te_ + lora_down/lora_up/alpha (also OneTrainer's "
+               "lora_transformer_, SimpleTuner's lycoris_)", kohya.detect, kohya.read, kohya.write),
         Format("comfyui", "ComfyUI: diffusion_model./text_encoders. + lora_up/lora_down", comfyui.detect,
                comfyui.read, comfyui.write),
-        Format("diffusers", "diffusers: unet./text_encoder./text_encoder_2. + lora_A/lora_B", diffusers.detect,
-               diffusers.read, diffusers.write),
+        Format("diffusers", "diffusers: unet./transformer./text_encoder./text_encoder_2. + lora_A/lora_B",
+               diffusers.detect, diffusers.read, diffusers.write),
+        Format("bare", "bare model names (DiffSynth, BFL control LoRAs), read-only", bare.detect, bare.read, None),
     )
 }
 WRITABLE = tuple(name for name, f in FORMATS.items() if f.write is not None)

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .. import safe_json
+from .. import families, fused, safe_json
 from ..errors import LoraFormatError
 from ..lora import LoRA
 from . import names
 from .layers import PEFT_SUFFIXES, LayerTable, group_by_module, layer_tensors
 
-COMPONENTS = {"unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2"}
-PARTS = {v: k for k, v in COMPONENTS.items()}
+# diffusers component → canonical part when no family says otherwise (FLUX.1's text_encoder_2 is T5: te3).
+COMPONENTS = {"unet": "unet", "transformer": "unet", "text_encoder": "te1", "text_encoder_2": "te2"}
 ADAPTER_METADATA = "lora_adapter_metadata"
 PEFT_CONFIG = "adapter_config"
 PEFT_PREFIX = "base_model.model."
@@ -108,9 +108,27 @@ def peft_alphas(config: Mapping, *, file: str | Path | None, key: str | None, pr
     )
 
 
-def _component_paths(component: str, path: str, family: str | None, *, file: str | None) -> str:
+def _te_part(component: str, path: str, family: str | None) -> str:
+    """The canonical part of a text-encoder component: the family's, else the SD meaning (T5 names say te3)."""
+    if family is not None:
+        for te in families.get(family).text_encoders:
+            if te.diffusers == component:
+                return te.part
+        raise LoraFormatError(f"{families.label(family)} has no text encoder '{component}'", key=component)
     part = COMPONENTS[component]
-    return names.unet_key(path, family, file=file) if part == "unet" else names.te_key(part, path)
+    return "te3" if part == "te2" and names.te_kind(part, path, None) == "t5" else part
+
+
+def _add_layer(table: LayerTable, component: str, path: str, family: str | None, module: str,
+               roles: Mapping[str, str], alpha: float | None) -> None:
+    if COMPONENTS[component] == "unet":
+        names.add_denoiser_layer(table, path, family, module, roles, alpha=alpha)
+    else:
+        try:
+            key = names.te_key(_te_part(component, path, family), path, family)
+        except LoraFormatError as err:
+            raise LoraFormatError(err.reason, file=table.file, key=module, hint=err.hint) from None
+        table.add(key, module, roles, alpha=alpha)
 
 
 def read(
@@ -127,13 +145,13 @@ def read(
             continue
         located[module] = (component, path.removeprefix("processor."))
     fam = names.guess_family(
-        [p for c, p in located.values() if c == "unet"], (COMPONENTS[c] for c, _ in located.values()), family
+        [p for c, p in located.values() if COMPONENTS[c] == "unet"],
+        (COMPONENTS[c] for c, _ in located.values()), family, file=file,
     )
     table = LayerTable(tensors, file=file)
     for module, roles in modules.items():
         component, path = located[module]
-        table.add(_component_paths(component, path, fam, file=file), module, roles,
-                  alpha=alphas[component].layer_alpha(path, roles, tensors))
+        _add_layer(table, component, path, fam, module, roles, alphas[component].layer_alpha(path, roles, tensors))
     user_meta = {k: v for k, v in metadata.items() if k not in META_KEYS}
     return LoRA(table.layers, user_meta, family=fam, source_format="diffusers"), unused
 
@@ -164,15 +182,34 @@ def _peft_config(paths_layers: list[tuple[str, object]]) -> dict:
 
 
 def _model_path(key: str, family: str | None) -> tuple[str, str]:
+    """(diffusers component, module path) of a canonical key."""
     part, path = names.split_canonical(key)
-    if part not in PARTS:
-        raise LoraFormatError(f"part '{part}' has no diffusers name", key=key)
+    fam = families.get(family) if family is not None else None
     if part == "unet":
-        return PARTS[part], names.unet_path(key, family, "diffusers")
-    return PARTS[part], path
+        return (fam.diffusers_component if fam else "unet"), names.unet_path(key, family, "diffusers")
+    te = names.text_encoder(part, family)
+    if te is None:
+        raise LoraFormatError(f"model part '{part}' has no diffusers component", key=key, hint="pass --family")
+    return te.diffusers, path
+
+
+def component_of(key: str, family: str | None) -> str:
+    """The diffusers component (``unet``, ``transformer``, ``text_encoder`` …) a canonical key belongs to."""
+    return _model_path(key, family)[0]
+
+
+def diffusers_layers(lora: LoRA) -> LoRA:
+    """The LoRA as diffusers models hold it: fused weights split into their parts, swapped halves swapped."""
+    lora = fused.split(lora)
+    fam = families.get(lora.family) if lora.family is not None else None
+    if fam is None or not fam.swap_halves:
+        return lora
+    return lora.map_layers(lambda k, layer: fused.swap_output_halves(layer, key=k)
+                           if k.removeprefix("unet.") in fam.swap_halves else layer)
 
 
 def write(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    lora = diffusers_layers(lora)
     out: dict[str, torch.Tensor] = {}
     by_component: dict[str, list] = {}
     for key, layer in lora.layers.items():
@@ -204,17 +241,18 @@ def read_peft(
         component = "text_encoder" if is_te else "unet"
     if component not in COMPONENTS:
         raise LoraFormatError(f"unknown component '{component}' in metadata 'lora_ops.component'", file=file)
-    fam = names.guess_family(list(modules) if component == "unet" else [], [COMPONENTS[component]], family)
+    denoiser = COMPONENTS[component] == "unet"
+    fam = names.guess_family(list(modules) if denoiser else [], [COMPONENTS[component]], family, file=file)
     table = LayerTable(tensors, file=file)
     for module, roles in modules.items():
-        table.add(_component_paths(component, module, fam, file=file), module, roles,
-                  alpha=alphas.layer_alpha(module, roles, tensors))
+        _add_layer(table, component, module, fam, module, roles, alphas.layer_alpha(module, roles, tensors))
     user_meta = {k: v for k, v in metadata.items() if k not in (PEFT_CONFIG, "lora_ops.component", "format")}
     return LoRA(table.layers, user_meta, family=fam, source_format="peft"), unused
 
 
 def write_peft(lora: LoRA, *, component: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """One model's layers with ``base_model.model.`` keys (PEFT's own naming); ``component`` picks the model."""
+    lora = diffusers_layers(lora)
     comps = {_model_path(k, lora.family)[0] for k in lora.layers}
     if component is None:
         if len(comps) > 1:

@@ -1,9 +1,8 @@
-"""Model-family key maps: canonical LoRA keys ↔ the module names of models and LoRA files.
+"""Key-map helpers the family modules (`lora_ops.families`) build on: canonical keys ↔ module names.
 
 Canonical keys (see `lora_ops.lora`): ``unet.<LDM/SGM module path>`` for SD-style UNets, and ``te1.`` / ``te2.``
 plus the transformers path with ``text_model.`` for CLIP text encoders. One module per job:
 
-- `families`: the per-family layout table (SD 1.x/2.x "sd1", SDXL "sdxl").
 - `sd_unet`: diffusers ↔ LDM UNet module paths.
 - `kohya_names`: kohya's flattened ``a_b_c`` names ↔ dotted paths.
 - `text_encoders`: canonical ↔ in-model CLIP text-encoder paths (transformers 4 and 5 layouts).
@@ -12,20 +11,16 @@ plus the transformers path with ``text_model.`` for CLIP text encoders. One modu
 - `checkpoints`: canonical keys ↔ tensors of single-file checkpoints and diffusers folders (fused OpenCLIP q/k/v).
 """
 
+from ..families.unet_layout import UnetLayout, unet_layout
 from .checkpoints import COMPONENTS, WeightSlot, checkpoint_family, checkpoint_targets
-from .detect import detect_unet_family
-from .families import UNET_LAYOUTS, UnetLayout, unet_layout
+from .detect import detect_unet_family, unet_families
 from .kohya_names import compound_tokens, dotted_to_kohya, kohya_to_dotted, register_compound_tokens
 from .model_keys import te_canonical_keys, unet_canonical_keys
 from .sd_unet import is_unet_path, unet_diffusers_to_ldm, unet_ldm_to_diffusers
 from .text_encoders import has_text_model, te_module_path, te_to_canonical_path
 
-FAMILIES = tuple(UNET_LAYOUTS)
-
 __all__ = [
     "COMPONENTS",
-    "FAMILIES",
-    "UNET_LAYOUTS",
     "UnetLayout",
     "WeightSlot",
     "checkpoint_family",
@@ -41,6 +36,7 @@ __all__ = [
     "te_module_path",
     "te_to_canonical_path",
     "unet_canonical_keys",
+    "unet_families",
     "unet_diffusers_to_ldm",
     "unet_layout",
     "unet_ldm_to_diffusers",

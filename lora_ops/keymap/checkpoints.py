@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LoraFormatError
+from ..families.unet_layout import unet_layout
 from .detect import detect_unet_family
-from .families import unet_layout
 from .sd_unet import unet_diffusers_to_ldm
 from .text_encoders import te_to_canonical_path
 

@@ -1,11 +1,17 @@
-"""Which SD-style UNet family a set of module paths (LDM or diffusers spelling) belongs to."""
+"""Which registered SD-style UNet family a set of module paths (LDM or diffusers spelling) belongs to."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .families import UNET_LAYOUTS
 from .sd_unet import is_unet_path
+
+
+def unet_families() -> tuple[str, ...]:
+    """The registered families with an SD-style UNet (the ones `lora_ops.keymap.sd_unet` can name)."""
+    from ..families import REGISTRY  # the registry imports keymap: look it up at call time
+
+    return tuple(f.id for f in REGISTRY.values() if f.unet_layout is not None)
 
 
 def detect_unet_family(paths: Iterable[str]) -> str | None:
@@ -17,7 +23,7 @@ def detect_unet_family(paths: Iterable[str]) -> str | None:
     key sets. Paths no family knows are ignored; no evidence, or evidence for two families, gives None.
     Paths may carry a ``unet.`` prefix.
     """
-    families = set(UNET_LAYOUTS)
+    families = set(unet_families())
     candidates = set(families)
     evidence = False
     for path in {p.removeprefix("unet.") for p in paths}:

@@ -16,7 +16,7 @@ N = layers_per_block + 1 (3 for SD 1.x and SDXL):
 from __future__ import annotations
 
 from ..errors import LoraFormatError
-from .families import UnetLayout, unet_layout
+from ..families.unet_layout import UnetLayout, unet_layout
 
 # Exact (leaf) renames outside the blocks.
 TOP_LEVEL = {

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import families
 from ..errors import LoraValueError
 
 if TYPE_CHECKING:
@@ -29,40 +30,8 @@ TEXT_HIDDEN = 32  # both tiny text encoders
 TE2_PROJECTION = 32  # text_encoder_2.config.projection_dim
 SDXL_TIME_EMBED = 8  # addition_time_embed_dim; SDXL passes 6 micro-conditioning numbers
 
-# UNet configs: the real models' layouts with small widths (norm groups divide every width).
-UNET_CONFIGS: dict[str, dict[str, Any]] = {
-    "sd1": dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64, 64),
-        layers_per_block=2,
-        attention_head_dim=4,  # SD 1.5 spells heads as attention_head_dim (8 there)
-        cross_attention_dim=TEXT_HIDDEN,
-        norm_num_groups=8,
-        use_linear_projection=False,  # SD 1.5: proj_in/proj_out are 1x1 convs
-    ),
-    "sdxl": dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=2,
-        transformer_layers_per_block=(1, 2, 2),  # SDXL: (1, 2, 10)
-        attention_head_dim=(2, 4, 4),
-        cross_attention_dim=2 * TEXT_HIDDEN,  # te1 hidden + te2 hidden
-        norm_num_groups=8,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=SDXL_TIME_EMBED,
-        projection_class_embeddings_input_dim=TE2_PROJECTION + 6 * SDXL_TIME_EMBED,
-        upcast_attention=False,
-    ),
-}
+# UNet configs: the real models' layouts with small widths, declared by each family (`lora_ops.families`).
+UNET_CONFIGS: dict[str, dict[str, Any]] = {f: dict(families.get(f).tiny_config) for f in ("sd1", "sdxl")}
 
 TEXT_ENCODER_KINDS = ("clip-l", "clip-g")
 
