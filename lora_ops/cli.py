@@ -32,7 +32,7 @@ CLI_WORDING = (
     (r"\bstrict=False(?: / --lenient)?", "--lenient"),
     (r"\ballow_pickle=True(?: / --allow-pickle)?", "--allow-pickle"),
     (r"\bcomponent=…(?: / --component)?", "--component"),
-    (r"\bpass family=(?:'sd1' or 'sdxl')?", "pass --family sd1 or --family sdxl"),
+    (r"\bpass family=(?:'sd1' or 'sdxl')?", "pass --family (" + ", ".join(families.IDS) + ")"),
     (r"a per-layer rule \(fixed, sv_ratio, sv_fro, sv_cumulative\), then resize to size_mb",
      "--rank, --sv-ratio, --sv-fro or --sv-cumulative, then resize --size-mb"),
     (r"the JSON report lists all", "--json lists all"),

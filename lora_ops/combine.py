@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import families, fused, safe_json
 from . import lora as L
-from . import safe_json
 from .errors import LoraFormatError, LoraValueError
 from .inspect import TRIGGER_KEYS
 from .linalg import FactoredSVD, common_shape, dense_svd, flat_factors, sum_svd
@@ -129,6 +129,9 @@ def combine(
     method = _check_method(method, rule, conv_rule, density)
     per_item_bw = _per_item_block_weights(block_weights, len(loras))
     family = _common_family(loras)
+    # One key per weight: a fused kohya LoRA (…qkv) and a split diffusers one (…qkv[q]) of the same model meet on
+    # the fused weight, where concat stays exact and SVD methods see the whole ΔW.
+    loras = [fused.fuse(lo.replace(family=family)) for lo in loras]
     out_dtype = dtype or _common_dtype(loras)
     metadata = _merge_metadata([lo.metadata for lo in loras])
     keys = list(dict.fromkeys(k for lo in loras for k in lo.layers))  # the union, in first-seen order
@@ -251,10 +254,11 @@ def _check_terms(key: str, terms: Terms) -> None:
 
 
 def _common_family(loras: Sequence[LoRA]) -> str | None:
-    families = {lo.family for lo in loras if lo.family is not None}
-    if len(families) > 1:
-        raise LoraValueError(f"cannot combine LoRAs for different models: {sorted(families)}")
-    return families.pop() if families else None
+    found = {lo.family for lo in loras if lo.family is not None}
+    if len(found) > 1:
+        raise LoraValueError("cannot combine LoRAs for different models: "
+                             + ", ".join(families.label(f) for f in sorted(found)))
+    return found.pop() if found else None
 
 
 def _common_dtype(loras: Sequence[LoRA]) -> torch.dtype:

@@ -50,7 +50,7 @@ def has_parts(lora: LoRA) -> bool:
 def _fused_weight(lora_family: str | None, module_key: str, key: str) -> families.FusedWeight:
     if lora_family is None:
         raise LoraFormatError("a layer on part of a fused weight needs the model family to place its rows",
-                              key=key, hint="pass --family")
+                              key=key, hint="pass family=")
     path = module_key.removeprefix("unet.")
     spec = families.get(lora_family).fused_weight(path) if module_key.startswith("unet.") else None
     if spec is None:

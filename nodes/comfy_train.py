@@ -122,7 +122,7 @@ class ComfyBackend:
         self.sdxl = kind in SDXL_MODELS
         self.clip = clip
         self.vae = vae
-        self.family = comfy_host.model_family(model) or "sd1"
+        self.family = "sdxl" if self.sdxl else "sd1"  # the model class, checked above, says which
         self.model_name = model_name
         self._keys = {path[len("unet."):]: path for path in comfy_host.unet_targets(model)}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..lora_ops import families
 from ..lora_ops.errors import LoraFileError, reword
 from ..lora_ops.files import load_lora
 from ..lora_ops.inspect import format_report, inspect_lora
@@ -45,7 +46,7 @@ class LoraOpsLoad:
                 "lora_name": (comfy_env.lora_filenames(), {"tooltip": "A file from the models/loras folders."}),
             },
             "optional": {
-                "family": (["auto", "sd1", "sdxl"], {"default": "auto",
+                "family": (["auto", *families.IDS], {"default": "auto",
                                                       "tooltip": "Model family, when the file's keys do not tell."}),
             },
         }

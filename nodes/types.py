@@ -34,7 +34,7 @@ NODE_WORDING = (
      "the nodes load a file only when every key is understood; lora-ops inspect FILE --lenient loads the rest"),
     (r"a per-layer rule \(fixed, sv_ratio, sv_fro, sv_cumulative\), then resize to size_mb",
      "rule rank, sv_ratio, sv_fro or sv_cumulative here, then a Rank-Resize node with rule size_mb"),
-    (r"\bpass family=(?:'sd1' or 'sdxl')?", "set family to sd1 or sdxl on the Load LoRA node"),
+    (r"\bpass family=(?:'sd1' or 'sdxl')?", "set family on the Load LoRA node"),
     (r"the JSON report lists all", "lora-ops inspect FILE --json lists all"),
 )
 """The library's API wording → what a node user can change (regex, replacement): a node input, another node, or

@@ -273,7 +273,7 @@ def test_wording_tables_cover_old_and_new_spellings():
                                                                                              "the layers that match")
     assert "--component" in reword("pick one with component=… / --component", CLI_WORDING)
     for api in ("pass family=", "pass family='sd1' or 'sdxl'"):
-        assert reword(api, CLI_WORDING) == "pass --family sd1 or --family sdxl"
+        assert reword(api, CLI_WORDING) == "pass --family (sd1, sdxl, flux1)"
     err = LoraValueError("extract takes per-layer rank rules", file="f",
                          hint="use a per-layer rule (fixed, sv_ratio, sv_fro, sv_cumulative), then resize to size_mb")
     assert err.message(CLI_WORDING).endswith("(use --rank, --sv-ratio, --sv-fro or --sv-cumulative, then resize "

@@ -318,3 +318,56 @@ def test_inspect_reports_flux1_with_counts_per_fused_weight_and_part(tmp_path):
     fusedw = report["fused_weights"]
     assert fusedw["single_blocks.*.linear1"] == {"q": 2, "k": 2, "v": 2, "mlp": 2}
     assert fusedw["double_blocks.*.img_attn.qkv"] == {"q": 2, "k": 2, "v": 2}
+
+
+# ------------------------------------------------------------------ resize, combine on FLUX.1
+
+
+def _dense_truncation(delta: torch.Tensor, k: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(delta)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
+@pytest.mark.parametrize("spelling", ["kohya", "diffusers"])
+def test_resize_matches_a_dense_svd_truncation_per_written_layer(tmp_path, spelling):
+    from lora_ops.resize import resize
+
+    lora = load_lora(save_lora(flux_lora(rank=6, te=False), tmp_path / "in.safetensors", spelling))
+    small, _ = resize(lora, 3, compute_dtype=torch.float64)
+    assert small.family == "flux1" and set(small.layers) == set(lora.layers)
+    for key, layer in small.layers.items():
+        want = _dense_truncation(lora[key].delta(torch.float64), 3)
+        got = layer.delta(torch.float64)
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max(), key
+    out = load_lora(save_lora(small, tmp_path / "out.safetensors", "kohya"))
+    assert_same_deltas(out, small)
+
+
+def test_combine_a_fused_kohya_lora_with_a_split_diffusers_lora(tmp_path):
+    from lora_ops.combine import METHODS, combine
+
+    a = load_lora(save_lora(flux_lora(seed=1, te=False), tmp_path / "a.safetensors", "kohya"))
+    b = load_lora(save_lora(flux_lora(seed=2, te=False), tmp_path / "b.safetensors", "diffusers"))
+    assert any("[" in k for k in b.layers) and not any("[" in k for k in a.layers)
+    want = {k: 0.7 * da + 0.4 * fused_deltas(b)[k] for k, da in fused_deltas(a).items()}
+    for method in METHODS:
+        out, _ = combine([(a, 0.7, None), (b, 0.4, None)], method, seed=3)
+        assert out.family == "flux1" and not any("[" in k for k in out.layers), method  # on the fused weights
+        if method in ("concat", "svd", "linear"):
+            got = fused_deltas(out)
+            for k, w in want.items():
+                assert (got[k] - w).abs().max() <= 1e-5 * w.abs().max(), (method, k)
+        else:
+            assert all(torch.isfinite(layer.delta()).all() for layer in out.layers.values()), method
+    written = load_lora(save_lora(out, tmp_path / "c.safetensors", "diffusers"))
+    assert_same_deltas(written, out, tol=1e-5)
+
+
+def test_combining_flux_with_sdxl_names_both_families():
+    from helpers import sample_lora
+
+    from lora_ops.combine import combine
+    from lora_ops.errors import LoraValueError
+
+    with pytest.raises(LoraValueError, match="different models: FLUX.1, SDXL"):
+        combine([(flux_lora(te=False), 1.0, None), (sample_lora("sdxl", rank=2), 1.0, None)], "concat")

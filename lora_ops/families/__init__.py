@@ -67,7 +67,7 @@ def require(paths: Iterable[str], hint: str | None = None, *, file: str | None =
 
     Raises `LoraFormatError` naming the paths that no family knows (an unknown model, or a typo), and the
     paths that do not fit ``hint`` when one is forced. None means: every path is known, but they fit several
-    families equally (writers then need the names to agree, or ``--family``).
+    families equally (writers then need the names to agree, or a forced family).
     """
     paths = sorted({p.removeprefix("unet.") for p in paths})
     if hint is not None:
@@ -78,14 +78,15 @@ def require(paths: Iterable[str], hint: str | None = None, *, file: str | None =
             seems = f"; they look like {', '.join(label(o) for o in others)}" if others else ""
             raise LoraFormatError(
                 f"{len(wrong)} module(s) are not in the {fam.label} model{seems}: " + ", ".join(wrong[:3]),
-                file=file, key=wrong[0], hint="check --family, or that the LoRA is for this model",
+                file=file, key=wrong[0],
+                hint="check the family you passed (pass family=), or that the LoRA is for this model",
             )
         return hint
     unknown = [p for p in paths if not candidates(p)]
     if unknown:
         raise LoraFormatError(
             f"{len(unknown)} module(s) match no known model family: " + ", ".join(unknown[:3]),
-            file=file, key=unknown[0], hint=f"known families: {', '.join(IDS)}; force one with --family",
+            file=file, key=unknown[0], hint=f"known families: {', '.join(IDS)}; force one: pass family=",
         )
     return detect(paths)
 

@@ -71,7 +71,7 @@ def write(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             te = names.text_encoder(part, lora.family)
             if te is None:
                 raise LoraFormatError(f"model part '{part}' has no ComfyUI text-encoder name", key=key,
-                                      hint="pass --family")
+                                      hint="pass family=")
             module = te.comfyui + path
         for suffix, t in layer_tensors(layer, "kohya").items():
             out[module + suffix] = t

@@ -189,7 +189,7 @@ def _model_path(key: str, family: str | None) -> tuple[str, str]:
         return (fam.diffusers_component if fam else "unet"), names.unet_path(key, family, "diffusers")
     te = names.text_encoder(part, family)
     if te is None:
-        raise LoraFormatError(f"model part '{part}' has no diffusers component", key=key, hint="pass --family")
+        raise LoraFormatError(f"model part '{part}' has no diffusers component", key=key, hint="pass family=")
     return te.diffusers, path
 
 

@@ -38,7 +38,7 @@ def _agreed(path: str, family: str | None, fn: Callable[[families.Family], str],
         raise LoraFormatError(f"{what}: matches no known model family", file=file, key=path,
                               hint=f"known families: {', '.join(families.IDS)}")
     raise LoraFormatError(f"{what}: names different modules in {', '.join(families.label(f) for f in answers)}",
-                          file=file, key=path, hint="pass --family")
+                          file=file, key=path, hint="pass family=")
 
 
 def unet_key(path: str, family: str | None, *, file: str | None = None) -> str:
