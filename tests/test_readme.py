@@ -108,6 +108,45 @@ def check_layout(block: str) -> None:
             assert (base / name).exists(), f"README layout names {name!r}, not in {base.relative_to(ROOT.parent)}"
 
 
+def check_family_example(block: str) -> None:
+    """The "Adding a model family" module, registered for the check: kohya and diffusers files of it are detected,
+    convert into each other exactly, and inspect counts its fused weight's parts."""
+    import torch
+
+    from lora_ops import families, fused
+    from lora_ops import lora as L
+    from lora_ops.formats import read_lora, write_lora
+    from lora_ops.inspect import inspect_lora
+    from lora_ops.keymap import register_compound_tokens
+
+    namespace: dict = {}
+    exec(compile(block, "README:toydit", "exec"), namespace)
+    fam = namespace["FAMILY"]
+    g = torch.Generator().manual_seed(0)
+    h = 8
+    shapes = {"layers.0.attn.qkv": (3 * h, h), "layers.1.attn.out": (h, h), "layers.1.mlp.fc1": (4 * h, h)}
+    lora = L.LoRA({f"unet.{p}": L.LoRALayer(torch.randn(2, i, generator=g), torch.randn(o, 2, generator=g), 1.0)
+                   for p, (o, i) in shapes.items()}, family=fam.id)
+    saved = dict(families.REGISTRY)
+    families.REGISTRY[fam.id] = fam
+    register_compound_tokens(fam.compound_tokens)
+    try:
+        kohya, meta = write_lora(lora, "kohya")
+        assert "lora_unet_layers_0_attn_qkv.lora_down.weight" in kohya
+        diffusers, dmeta = write_lora(lora, "diffusers")
+        assert "transformer.dit_blocks.0.attn.to_k.lora_A.weight" in diffusers
+        for tensors, m in ((kohya, meta), (diffusers, dmeta)):
+            got, unused = read_lora(tensors, m)
+            assert unused == [] and got.family == "toydit"
+            for key, layer in fused.fuse(got).layers.items():
+                assert torch.allclose(layer.delta(), lora[key].delta(), atol=1e-6), key
+        parts = read_lora(diffusers, dmeta)[0]
+        assert inspect_lora(parts)["fused_weights"] == {"layers.*.attn.qkv": {"q": 1, "k": 1, "v": 1}}
+    finally:
+        families.REGISTRY.clear()
+        families.REGISTRY.update(saved)
+
+
 HANDLERS = [
     ("bash", "git clone ", check_clone_and_venv),
     ("bash", 'pip install -e ".[test]" && lora-ops demo', check_setup_and_demo),
@@ -116,6 +155,7 @@ HANDLERS = [
     ("text", "Load Checkpoint", check_graph_diagram),
     ("text", "lora-ops inspect", check_cli_reference),
     ("", "__init__.py", check_layout),
+    ("python", "# lora_ops/families/", check_family_example),
 ]
 
 

@@ -14,10 +14,8 @@ with the part sizes 1:1:1 and 1:1:1:4 of the hidden width (mlp_ratio 4), and sto
 
 from __future__ import annotations
 
-import re
-
-from ..errors import LoraFormatError
-from .base import Family, FusedWeight, Part, TextEncoder
+from .base import FusedWeight, Part, TextEncoder
+from .tables import from_tables
 
 QKV = (Part("q"), Part("k"), Part("v"))
 FUSED = (
@@ -72,76 +70,6 @@ DIFFUSERS = {
     "proj_out": ("final_layer.linear", None),
     "norm_out.linear": ("final_layer.adaLN_modulation.1", None),
 }
-DIFFUSERS_ROOTS = frozenset(p.split(".", 1)[0] for p in DIFFUSERS)
-COMPOUND_TOKENS = (
-    "double_blocks", "single_blocks", "img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod",
-    "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "in_layer", "out_layer", "final_layer",
-    "adaLN_modulation", "query_norm", "key_norm",
-    "transformer_blocks", "single_transformer_blocks", "to_q", "to_k", "to_v", "to_out", "add_q_proj",
-    "add_k_proj", "add_v_proj", "to_add_out", "ff_context", "proj_mlp", "proj_out", "norm1_context", "norm_out",
-    "x_embedder", "context_embedder", "time_text_embed", "timestep_embedder", "text_embedder",
-    "guidance_embedder", "linear_1", "linear_2",
-    "wi_0", "wi_1", "layer_norm", "final_layer_norm",  # T5
-)  # fmt: skip
-
-_INDEX = r"(0|[1-9]\d*)"
-
-
-def _compile(template: str) -> re.Pattern[str]:
-    return re.compile(re.escape(template).replace(re.escape("{i}"), _INDEX))
-
-
-_ORIGINAL = [_compile(t) for t in ORIGINAL]
-_FROM_DIFFUSERS = [(_compile(d), o, part) for d, (o, part) in DIFFUSERS.items()]
-_TO_DIFFUSERS = {(o, part): d for d, (o, part) in DIFFUSERS.items()}
-_BLOCK = re.compile(rf"((?:double|single)_blocks\.{_INDEX})\.")
-
-
-def _unknown(path: str, spelling: str) -> LoraFormatError:
-    return LoraFormatError(f"not a module of the FLUX.1 transformer in {spelling} naming", key=path,
-                           hint="check the model family, or that the key names a layer with weights")
-
-
-def original_path(path: str) -> str:
-    if any(p.fullmatch(path) for p in _ORIGINAL):
-        return path
-    raise _unknown(path, "BFL")
-
-
-def from_diffusers(path: str) -> tuple[str, str | None]:
-    for pattern, original, part in _FROM_DIFFUSERS:
-        m = pattern.fullmatch(path)
-        if m:
-            return original.replace("{i}", m.group(1)) if m.groups() else original, part
-    raise _unknown(path, "diffusers")
-
-
-def to_diffusers(path: str, part: str | None) -> str:
-    m = _BLOCK.match(path)
-    template = path.replace(m.group(1), m.group(1).split(".")[0] + ".{i}", 1) if m else path
-    target = _TO_DIFFUSERS.get((template, part))
-    if target is None:
-        raise LoraFormatError(f"FLUX.1 module has no diffusers name{f' for part {part!r}' if part else ''}",
-                              key=path if part is None else f"{path}[{part}]")
-    return target.replace("{i}", m.group(2)) if m else target
-
-
-def is_diffusers_path(path: str) -> bool:
-    return path.split(".", 1)[0] in DIFFUSERS_ROOTS
-
-
-def knows(path: str) -> bool:
-    try:
-        from_diffusers(path) if is_diffusers_path(path) else original_path(path)
-    except LoraFormatError:
-        return False
-    return True
-
-
-def block_of(path: str) -> str | None:
-    m = _BLOCK.match(path)
-    return m.group(1) if m else None
-
 
 # A diffusers FluxTransformer2DModel config: the released layout with tiny widths (lora_ops.testing.tiny_flux).
 # ComfyUI ≥ 0.3.65 detects its BFL-named state dict: it reads hidden from img_in and sets heads = hidden // 128,
@@ -159,24 +87,18 @@ TINY_CONFIG: dict[str, object] = dict(
     axes_dims_rope=(16, 56, 56),
 )
 
-FAMILY = Family(
-    id="flux1",
+FAMILY = from_tables(
+    family_id="flux1",
     label="FLUX.1",
-    diffusers_component="transformer",
+    original=ORIGINAL,
+    diffusers=DIFFUSERS,
     text_encoders=(
         TextEncoder("te1", "clip", ("lora_te1_", "lora_te_"), "text_encoders.clip_l.transformer.", "text_encoder"),
         # kohya writes T5 as lora_te3_, OneTrainer as lora_te2_
         TextEncoder("te3", "t5", ("lora_te3_", "lora_te2_"), "text_encoders.t5xxl.transformer.", "text_encoder_2"),
     ),
-    original_path=original_path,
-    from_diffusers=from_diffusers,
-    to_diffusers=to_diffusers,
-    is_diffusers_path=is_diffusers_path,
-    knows=knows,
-    block_of=block_of,
     fused=FUSED,
     swap_halves=frozenset({"final_layer.adaLN_modulation.1"}),
-    kohya_style="original",
-    compound_tokens=COMPOUND_TOKENS,
+    blocks=("double_blocks.{i}", "single_blocks.{i}"),
     tiny_config=TINY_CONFIG,
 )

@@ -27,6 +27,8 @@ CLIP_TEXT = (
     "final_layer_norm", "token_embedding", "position_embedding", "text_projection",
 )  # fmt: skip
 
+T5_TEXT = ("wi_0", "wi_1", "layer_norm", "final_layer_norm", "relative_attention_bias")
+
 _COMPOUNDS: set[str] = set()
 _MAX_PIECES = 1
 
@@ -41,7 +43,7 @@ def register_compound_tokens(tokens: Iterable[str]) -> None:
         _MAX_PIECES = max(_MAX_PIECES, token.count("_") + 1)
 
 
-register_compound_tokens(SD_UNET_DIFFUSERS + SD_UNET_LDM + SD_TRANSFORMER + CLIP_TEXT)
+register_compound_tokens(SD_UNET_DIFFUSERS + SD_UNET_LDM + SD_TRANSFORMER + CLIP_TEXT + T5_TEXT)
 
 
 def compound_tokens() -> frozenset[str]:
