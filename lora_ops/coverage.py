@@ -146,7 +146,7 @@ def _hint(report: CoverageReport, lora: LoRA, targets: Mapping[str, Shape]) -> s
     model_parts = sorted({part_of(k) for k in targets})
     lora_parts = sorted({part_of(k) for k in lora.layers})
     if not set(lora_parts) & set(model_parts):
-        if not set(lora_parts) & {"unet", "te1", "te2"}:
+        if not set(lora_parts) & {"unet", "te1", "te2", "te3"}:
             return "the keys are not canonical module names; read the file with lora_ops.files.load_lora"
         return f"the LoRA patches {', '.join(lora_parts)}, the model has {', '.join(model_parts)}"
     if report.mismatched:

@@ -36,6 +36,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from ..lora_ops import families
 from ..lora_ops.errors import LoraValueError
 from ..lora_ops.train.backend import Conditioning
 from ..lora_ops.train.schedule import NoiseSchedule
@@ -243,6 +244,6 @@ class ComfyBackend:
     def describe(self) -> Mapping[str, str]:
         config = getattr(self.base, "model_config", None)
         out = {"ss_sd_model_name": self.model_name or (type(config).__name__ if config is not None else "MODEL")}
-        out["ss_base_model_version"] = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}.get(self.family, self.family)
+        out["ss_base_model_version"] = families.get(self.family).ss_base_model_version
         return out
 

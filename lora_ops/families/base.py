@@ -129,6 +129,8 @@ class Family:
     kohya_style: str = "original"
     compound_tokens: tuple[str, ...] = ()
     tiny_config: Mapping[str, object] = field(default_factory=dict)
+    ss_base_model_version: str = ""  # kohya's ss_base_model_version value for LoRAs trained on this family
+    modelspec_architecture: str = ""  # SAI model spec "modelspec.architecture" of a LoRA for this family
     unet_layout: object | None = None  # SD-style UNets: the `UnetLayout` their name maps derive from
 
     def fused_weight(self, path: str) -> FusedWeight | None:

@@ -101,4 +101,6 @@ FAMILY = from_tables(
     swap_halves=frozenset({"final_layer.adaLN_modulation.1"}),
     blocks=("double_blocks.{i}", "single_blocks.{i}"),
     tiny_config=TINY_CONFIG,
+    ss_base_model_version="flux1",  # what sd-scripts writes for FLUX.1 LoRAs
+    modelspec_architecture="flux-1-dev/lora",
 )

@@ -31,7 +31,7 @@ def _block_of(path: str) -> str | None:
 
 def sd_family(
     family_id: str, label: str, layout: UnetLayout, text_encoders: tuple[TextEncoder, ...], *, kohya_style: str,
-    tiny_config: dict[str, object],
+    tiny_config: dict[str, object], ss_base_model_version: str, modelspec_architecture: str,
 ) -> Family:
     """A `Family` whose UNet names come from ``layout`` through `lora_ops.keymap.sd_unet`."""
 
@@ -54,4 +54,6 @@ def sd_family(
         compound_tokens=SD_UNET_DIFFUSERS + SD_UNET_LDM + SD_TRANSFORMER + CLIP_TEXT,
         tiny_config=tiny_config,
         unet_layout=layout,
+        ss_base_model_version=ss_base_model_version,
+        modelspec_architecture=modelspec_architecture,
     )

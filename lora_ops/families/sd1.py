@@ -34,4 +34,6 @@ FAMILY = sd_family(
     (TextEncoder("te1", "clip", ("lora_te_", "lora_te1_"), "text_encoders.clip_l.transformer.", "text_encoder"),),
     kohya_style="diffusers",
     tiny_config=TINY_CONFIG,
+    ss_base_model_version="sd_v1",
+    modelspec_architecture="stable-diffusion-v1/lora",
 )

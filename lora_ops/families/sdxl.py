@@ -48,4 +48,6 @@ FAMILY = sd_family(
     ),
     kohya_style="original",
     tiny_config=TINY_CONFIG,
+    ss_base_model_version="sdxl_base_v1-0",
+    modelspec_architecture="stable-diffusion-xl-v1-base/lora",
 )

@@ -34,6 +34,8 @@ def from_tables(
     diffusers_component: str = "transformer",
     compound_tokens: tuple[str, ...] = (),
     tiny_config: Mapping[str, object] | None = None,
+    ss_base_model_version: str = "",
+    modelspec_architecture: str = "",
 ) -> Family:
     """A `Family` whose names are ``original`` templates and the ``diffusers`` template map.
 
@@ -110,4 +112,5 @@ def from_tables(
         is_diffusers_path=is_diffusers_path, knows=knows, block_of=block_of, fused=fused, swap_halves=swap_halves,
         kohya_style="original",
         compound_tokens=tuple(sorted(derived | set(compound_tokens))), tiny_config=dict(tiny_config or {}),
+        ss_base_model_version=ss_base_model_version or family_id, modelspec_architecture=modelspec_architecture,
     )

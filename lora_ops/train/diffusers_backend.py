@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import keymap
+from .. import families, keymap
 from ..errors import LoraFileError, LoraValueError, UnsafeFileError
 from .backend import Conditioning
 from .schedule import NoiseSchedule
@@ -55,7 +55,11 @@ class DiffusersBackend:
         self.pipe = pipe
         self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
         unet_paths = [n for n, m in pipe.unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-        self.family = keymap.detect_unet_family(unet_paths) or ("sdxl" if self.sdxl else "sd1")
+        self.family = "sdxl" if self.sdxl else "sd1"  # the pipeline class says which; the UNet must agree
+        detected = keymap.detect_unet_family(unet_paths)
+        if detected not in (None, self.family):
+            raise LoraValueError(f"the UNet is {families.label(detected)}-shaped but the pipeline is "
+                                 f"{families.label(self.family)}'s", hint="check the model folder")
         self.model_name = model_name
         self.model_hash = model_hash
         self._ids: dict[tuple[int, str], Tensor] = {}

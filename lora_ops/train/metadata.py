@@ -9,10 +9,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .. import families
 from .config import TrainConfig
-
-SS_ARCH = {"sd1": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-SS_VERSION = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
 
 def weights_sha256(modules: Mapping[str, nn.Module]) -> str:
@@ -91,11 +89,11 @@ def training_metadata(
         "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_dataset_dirs": json.dumps(dataset_dirs),
         "ss_training_comment": config.comment or "trained with lora-ops",
-        "ss_base_model_version": SS_VERSION.get(family, family),
+        "ss_base_model_version": families.get(family).ss_base_model_version,
         "ss_v2": "False",
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": SS_ARCH.get(family, f"{family}/lora"),
+        "modelspec.architecture": families.get(family).modelspec_architecture,
         "modelspec.implementation": "https://github.com/huggingface/diffusers",
         "modelspec.title": config.title or config.output_name,
         "modelspec.resolution": f"{config.resolution}x{config.resolution}",
