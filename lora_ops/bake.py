@@ -12,6 +12,14 @@ W + Σ s·ΔW (fp32 accumulation would lose up to a few fp32 ulps where W and Δ
 fp64 temporaries small. Low-rank layers never form ΔW: each block of rows is ``up[rows] @ down`` (LoHa and LoKr
 are row-sliced the same way); only a transposed slot (OpenCLIP ``text_projection``) forms its small dense ΔW.
 
+FLUX.1 single files (BFL names, top level as ``flux1-dev.safetensors`` or under ``model.diffusion_model.``) are
+baked the same way. Their q/k/v (and a single block's mlp) projections are fused into one tensor
+(``img_attn.qkv``, ``linear1``): a whole-weight layer (kohya, ComfyUI files) patches all its rows, and a layer
+on one part (``unet.X[q]``: diffusers-format files) patches only that part's rows of the fused tensor, in place —
+what `lora_ops.fused.fuse` followed by a whole-weight bake would write, without forming its block-diagonal up
+(so LoHa/LoKr part layers bake too, and the result is still rounded once). The part's rows come from the
+stored tensor's shape and the family's `FusedWeight`, so any width works.
+
 Why atomic: a crash or a refusal (NaN/Inf result, full disk) must leave no partial output. Bytes go to a hidden
 temp file (or temp folder, for diffusers folders) beside the target, are fsynced, then ``os.replace``-d into place
 (`lora_ops.atomic`); any failure removes the temp and leaves the target as it was, and the temps a killed run
@@ -35,12 +43,12 @@ from typing import BinaryIO
 import torch
 from tqdm import tqdm
 
-from . import atomic, io, streaming
+from . import atomic, families, fused, io, streaming
 from .coverage import CoverageReport, combine_reports
 from .errors import LoraFileError, LoraOpsError, LoraValueError
 from .hosts.base import ApplyItem, check_items, strength_for
 from .keymap.checkpoints import COMPONENTS, WeightSlot, checkpoint_family, checkpoint_targets
-from .lora import Layer, LoRALayer, LycorisLayer
+from .lora import Layer, LoRA, LoRALayer, LycorisLayer, part_of
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +156,16 @@ def _folder_sources(root: Path) -> tuple[list[_Source], set[Path]]:
     return sources, stale
 
 
+def _refuse_dit_folder(root: Path) -> None:
+    """A diffusers folder with ``transformer/`` (FLUX.1: its ``text_encoder_2/`` is T5, not SDXL's CLIP-G)."""
+    if (root / "transformer").is_dir() and not (root / "unet").is_dir():
+        raise LoraFileError(
+            "diffusers folders of transformer (DiT) models such as FLUX.1 are not supported",
+            file=root,
+            hint="bake into the single-file checkpoint (e.g. flux1-dev.safetensors) instead",
+        )
+
+
 def _detect_family(sources: Sequence[_Source], checkpoint: Path) -> str:
     if any(s.component == "text_encoder_2" for s in sources):
         return "sdxl"
@@ -157,6 +175,41 @@ def _detect_family(sources: Sequence[_Source], checkpoint: Path) -> str:
             "cannot tell the model family from the checkpoint's tensor names", file=checkpoint, hint="pass family="
         )
     return family
+
+
+def _refuse_other_family(items: Sequence[ApplyItem], family: str, checkpoint: Path) -> None:
+    """A LoRA none of whose denoiser modules exists in the checkpoint's family, but which another family knows
+    (a FLUX.1 LoRA on an SDXL checkpoint, or the reverse): one error naming both, before any matching."""
+    model = families.get(family)
+    for n, item in enumerate(items):
+        if not _is_item(item):
+            continue  # check_items says what is wrong with it
+        lora = item[0]
+        paths = {fused.parse_key(k)[0].removeprefix("unet.") for k in lora.layers if part_of(k) == "unet"}
+        if not paths or any(model.knows(p) for p in paths):
+            continue
+        if lora.family is not None and lora.family != family:
+            others = [lora.family]
+        else:
+            others = sorted(set().union(*(families.candidates(p) for p in paths)))
+        if not others:
+            continue  # names no family knows: the coverage report lists them
+        theirs = " or ".join(families.label(o) for o in others)
+        raise LoraValueError(
+            f"LoRA {n + 1} is for {theirs}, the checkpoint is {model.label}: none of its {len(paths)} denoiser "
+            f"modules exists in the {model.label} model; nothing was written",
+            file=checkpoint,
+            hint=f"bake it into a {theirs} checkpoint, or use a LoRA made for {model.label}",
+        )
+
+
+def _is_item(item: object) -> bool:
+    return isinstance(item, tuple | list) and len(item) == 3 and isinstance(item[0], LoRA)
+
+
+def _with_family(lora: LoRA, family: str) -> LoRA:
+    """Part keys need a family to place their rows: a LoRA that names none takes the checkpoint's."""
+    return lora.replace(family=family) if lora.family is None and fused.has_parts(lora) else lora
 
 
 def _refuse_scaled_fp8(source: _Source, names: Sequence[str], cast: bool) -> None:
@@ -245,10 +298,13 @@ class _Term:
     strength: float
     slot: WeightSlot
     stored: Shape
+    rows: tuple[int, int] | None = None  # (start, stop) of a fused weight's part (a ``unet.X[q]`` layer)
     _add: Adder | None = None
 
     @property
     def span(self) -> tuple[int, int]:
+        if self.rows is not None:
+            return self.rows
         rows = self.slot.row_slice(self.stored)
         return (0, self.stored[0]) if rows is None else (rows.start, rows.stop)
 
@@ -299,13 +355,28 @@ def _shapes(sources: Sequence[_Source], targets: Mapping[str, list[tuple[int, We
     return shapes
 
 
+def _part_rows(family: str | None, key: str, stored: Shape) -> tuple[int, int] | None:
+    """(start, stop) rows of the stored fused tensor that part key ``key`` patches; None for a whole-weight key."""
+    module, part = fused.parse_key(key)
+    if part is None:
+        return None
+    spec = families.get(family).fused_weight(module.removeprefix("unet.")) if family is not None else None
+    if spec is None:  # coverage already refused this (no rows to place it in); never reached
+        raise LoraValueError("a layer on part of a weight that is not fused", key=key)
+    start, length = spec.rows(part, spec.unit_of_weight(stored[0], key=key))
+    return start, start + length
+
+
 def _plan(
     items: Sequence[ApplyItem],
     reports: Sequence[CoverageReport],
     sources: Sequence[_Source],
     targets: Mapping[str, list[tuple[int, WeightSlot]]],
 ) -> tuple[dict[tuple[int, str], list[_Term]], int]:
-    """(source index, tensor name) → terms, in LoRA order; and the number of layers baked."""
+    """(source index, tensor name) → terms, in LoRA order; and the number of layers baked.
+
+    A part key (``unet.X[q]``) patches its rows of the whole weight ``unet.X``.
+    """
     plan: dict[tuple[int, str], list[_Term]] = {}
     layers = 0
     for n, ((lora, sm, st), report) in enumerate(zip(items, reports)):
@@ -322,13 +393,14 @@ def _plan(
                     hint="the LoRA file is broken; re-download or retrain it",
                 )
             layers += 1
-            for idx, slot in targets[key]:
+            for idx, slot in targets[fused.parse_key(key)[0]]:
                 info = sources[idx].info(slot.tensor)
                 if info["dtype"] not in _NUMERIC:
                     raise LoraValueError(
                         f"cannot add a LoRA to a {info['dtype']} tensor", file=sources[idx].path, key=slot.tensor
                     )
-                term = _Term(key, layer, float(strength), slot, tuple(info["shape"]))
+                stored = tuple(info["shape"])
+                term = _Term(key, layer, float(strength), slot, stored, _part_rows(lora.family, key, stored))
                 plan.setdefault((idx, slot.tensor), []).append(term)
     return plan, layers
 
@@ -443,16 +515,20 @@ def bake(
 ) -> BakeReport:
     """Write ``checkpoint`` with the LoRAs baked in to ``out``: every weight W becomes W + Σ s·ΔW.
 
-    ``checkpoint``: a single-file ``.safetensors`` (original/LDM names, as ComfyUI and A1111 save them) or a
-    diffusers folder (``unet/``, ``text_encoder/``, ``text_encoder_2/`` are baked, every other file is copied).
+    ``checkpoint``: a single-file ``.safetensors`` (original/LDM names, as ComfyUI and A1111 save them; FLUX.1 in
+    BFL names, top level or under ``model.diffusion_model.``) or an SD diffusers folder (``unet/``,
+    ``text_encoder/``, ``text_encoder_2/`` are baked, every other file is copied).
     ``loras``: (LoRA, strength_model, strength_text) triples; text-encoder layers use strength_text.
     ``dtype``: "keep" (each tensor as stored), or "fp16" / "bf16" / "fp32" for every floating tensor.
     ``strict``: every LoRA layer must find its weight, else `LoraValueError` listing the unmatched keys by group;
-    False bakes what matches (the report lists the rest). ``family``: "sd1" / "sdxl", detected when None.
+    False bakes what matches (the report lists the rest). ``family``: "sd1" / "sdxl" / "flux1", detected when
+    None. Layers on part of a fused weight (``unet.X[q]``, as diffusers-format FLUX.1 files hold them) patch that
+    part's rows of the fused tensor.
     ``metadata``: str→str entries added to the input's safetensors metadata.
 
     Refuses, with nothing written: ``out`` being the input (any spelling) or existing without ``overwrite``, DoRA
-    layers, LoRA factors or results holding NaN/Inf, layers whose ΔW does not fit their weight's shape.
+    layers, LoRA factors or results holding NaN/Inf, layers whose ΔW does not fit their weight's shape, a LoRA
+    for another model family (the error names both).
     """
     if sys.byteorder != "little":
         raise LoraValueError("baking needs a little-endian machine (safetensors data is little-endian)")
@@ -468,9 +544,13 @@ def bake(
         raise LoraFileError(f"output is a {kind}, the checkpoint is not", file=dst, hint="choose another output path")
     extra = io.check_metadata(metadata, dst) or {}
 
+    if src.is_dir():
+        _refuse_dit_folder(src)
     sources, stale = _folder_sources(src) if src.is_dir() else ([_open_source(src, src.name, None)], set())
     fam = family or _detect_family(sources, src)
     targets = _targets(sources, fam)
+    loras = [(_with_family(it[0], fam), *it[1:]) if _is_item(it) else it for it in loras]
+    _refuse_other_family(loras, fam, src)
     reports = check_items(loras, _shapes(sources, targets), family=fam, min_fraction=0.0)
     coverage = combine_reports(reports)
     if coverage.unmatched and strict:

@@ -1,7 +1,10 @@
 """Extract a LoRA from two models: the best low-rank approximation of (tuned − base), layer by layer.
 
-Inputs are single-file checkpoints (LDM names), diffusers folders, in-memory state dicts in checkpoint naming, or
-canonical key → weight mappings (what the hosts give).
+Inputs are single-file checkpoints (LDM names for SD; BFL names for FLUX.1, top level or under
+``model.diffusion_model.``), SD diffusers folders, in-memory state dicts in checkpoint naming, or canonical key →
+weight mappings (what the hosts give). The family comes from the tensor names; when they do not tell, it must be
+given (``family=``): there is no default family. FLUX.1's fused weights (``img_attn.qkv``, ``linear1``) are
+extracted whole, as kohya and ComfyUI files hold them.
 Weights are read one layer at a time (`safetensors.safe_open`), so the peak memory is a few layers, not two
 models. ΔW of a fine-tune is full-rank, so each layer needs a dense SVD — that is the cost of extraction. Unlike
 ComfyUI's extractor we do not clamp factor values to a quantile: the result is the exact Eckart–Young truncation,
@@ -62,12 +65,24 @@ def open_weights(source: Source, family: str | None = None) -> Iterator[tuple[di
             else:
                 files.append((None, _open(stack, path), None))
         resolved = [(c, h, list(h.keys()) if keys is None else keys) for c, h, keys in files]
-        fam = family or checkpoint_family([k for _, _, keys in resolved for k in keys]) or "sd1"
+        fam = family or _family_of([k for _, _, keys in resolved for k in keys], source)
         getters: dict[str, Getter] = {}
         for component, handle, keys in resolved:
             for key, slot in checkpoint_targets(keys, fam, component=component).items():
                 getters[key] = _getter(handle, slot)
         yield getters, fam
+
+
+def _family_of(keys: list[str], source: Source) -> str:
+    fam = checkpoint_family(keys)
+    if fam is None:
+        shown = ", ".join(keys[:4]) + (f" … ({len(keys)} tensors)" if len(keys) > 4 else "") if keys else "none"
+        raise LoraValueError(
+            f"cannot tell the model family from the checkpoint's tensor names ({shown})",
+            file=None if isinstance(source, Mapping) else str(source),
+            hint="pass family=",
+        )
+    return fam
 
 
 def _open(stack: ExitStack, path: Path):

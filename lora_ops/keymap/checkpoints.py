@@ -27,6 +27,13 @@ the stored shape, so no shapes are needed to build the map.
 Diffusers folders hold one file per component with the names the libraries use: ``unet/`` diffusers UNet paths,
 ``text_encoder/`` and ``text_encoder_2/`` transformers paths (with or without ``text_model.``). Pass the
 component to `checkpoint_targets`.
+
+DiT families without a UNet layout (FLUX.1) are read from their single files in the original (BFL) names, at the
+top level (``flux1-dev.safetensors``: ``double_blocks.0.img_attn.qkv.weight``) or under ``model.diffusion_model.``
+(all-in-one files): ``unet.<BFL path>`` ↔ ``[model.diffusion_model.]<BFL path>.weight`` for every module the family
+declares (all Linear layers: norm scales, biases and text encoders are not targets). A fused weight
+(``img_attn.qkv``, ``linear1``) is one whole target; a LoRA layer on one of its parts (``unet.X[q]``) gets its rows
+through the family's `FusedWeight` (`lora_ops.coverage.target_shape`, `lora_ops.bake`).
 """
 
 from __future__ import annotations
@@ -38,9 +45,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LoraFormatError
+from .. import families
+from ..errors import LoraFormatError, LoraValueError
 from ..families.unet_layout import unet_layout
-from .detect import detect_unet_family
 from .sd_unet import unet_diffusers_to_ldm
 from .text_encoders import te_to_canonical_path
 
@@ -49,6 +56,8 @@ log = logging.getLogger(__name__)
 Shape = tuple[int, ...]
 
 UNET_PREFIX = "model.diffusion_model."
+# Where a DiT family's denoiser sits in its single files: under the all-in-one prefix, or at the top level.
+DIT_PREFIXES = (UNET_PREFIX, "")
 # Per family: key prefix → text-encoder part, for the two text-encoder layouts found in single files.
 CLIP_PREFIXES: dict[str, dict[str, str]] = {
     "sd1": {"cond_stage_model.transformer.": "te1"},
@@ -123,12 +132,15 @@ class WeightSlot:
         return t.T if self.transpose else t
 
 
-def _add(out: dict[str, WeightSlot], key: str, slot: WeightSlot) -> None:
+def _add(
+    out: dict[str, WeightSlot],
+    key: str,
+    slot: WeightSlot,
+    hint: str = "the checkpoint mixes two namings of one text encoder; remove one copy",
+) -> None:
     if key in out:
         raise LoraFormatError(
-            f"two tensors hold the same weight: '{out[key].tensor}' and '{slot.tensor}'",
-            key=key,
-            hint="the checkpoint mixes two namings of one text encoder; remove one copy",
+            f"two tensors hold the same weight: '{out[key].tensor}' and '{slot.tensor}'", key=key, hint=hint
         )
     out[key] = slot
 
@@ -176,6 +188,26 @@ def _single_file(keys: Iterable[str], family: str) -> dict[str, WeightSlot]:
     return out
 
 
+def _dit_single_file(keys: Iterable[str], family: families.Family) -> dict[str, WeightSlot]:
+    """``unet.<original path>`` → slot for every Linear weight of a DiT family's single file (either prefix)."""
+    out: dict[str, WeightSlot] = {}
+    for key in keys:
+        if not key.endswith(".weight"):
+            continue
+        prefix = UNET_PREFIX if key.startswith(UNET_PREFIX) else ""
+        module = _module_of(key, prefix)
+        if module is None:
+            continue
+        try:
+            family.original_path(module)
+        except LoraFormatError:
+            continue  # norm scales, text encoders, VAE, diffusers spellings: no LoRA target
+        _add(out, f"unet.{module}", WeightSlot(key),
+             hint=f"the file holds the {family.label} transformer twice (top level and under '{UNET_PREFIX}'); "
+                  "remove one copy")
+    return out
+
+
 def _component(keys: Iterable[str], family: str, component: str) -> dict[str, WeightSlot]:
     if component not in COMPONENTS:
         raise LoraFormatError(f"unknown diffusers component '{component}'", hint=f"use one of {sorted(COMPONENTS)}")
@@ -201,9 +233,19 @@ def checkpoint_targets(keys: Iterable[str], family: str, *, component: str | Non
     """Canonical key → `WeightSlot` for every weight of a checkpoint, from its tensor names alone.
 
     ``component`` None: a single-file checkpoint (original names). ``"unet"``, ``"text_encoder"``,
-    ``"text_encoder_2"``: one file of that diffusers-folder component. Tensors with no canonical name (VAE,
-    biases, buffers, EMA copies) are left out; a key that two tensors claim raises `LoraFormatError`.
+    ``"text_encoder_2"``: one file of that diffusers-folder component (SD families only). Tensors with no
+    canonical name (VAE, biases, norm scales, buffers, EMA copies) are left out; a key that two tensors claim
+    raises `LoraFormatError`. FLUX.1 single files map their BFL-named Linear weights, top level or under
+    ``model.diffusion_model.``; their text encoders are not mapped.
     """
+    dit = families.REGISTRY.get(family)
+    if dit is not None and dit.unet_layout is None:
+        if component is not None:
+            raise LoraValueError(
+                f"{dit.label} diffusers-folder components are not supported",
+                hint=f"use the single-file {dit.label} checkpoint (original names)",
+            )
+        return _dit_single_file(keys, dit)
     unet_layout(family)  # unknown families raise with the list of known ones
     if component is None:
         return _single_file(keys, family)
@@ -219,8 +261,10 @@ def checkpoint_family(keys: Iterable[str]) -> str | None:
     """The model family of a checkpoint (single file, or a diffusers UNet file) from its tensor names.
 
     SDXL is the only family with ``conditioner.embedders`` (its two text encoders) and with the text-time
-    embedding (``label_emb`` / ``add_embedding``); SD 1.x/2.x single files have ``cond_stage_model``. A UNet-only
-    file falls back to the block-layout evidence of `detect_unet_family`. None when nothing tells.
+    embedding (``label_emb`` / ``add_embedding``); SD 1.x/2.x single files have ``cond_stage_model``. Otherwise the
+    module paths (``model.diffusion_model.`` and the parameter name dropped) go to `lora_ops.families.detect`:
+    the block layout tells SD 1.x from SDXL, and BFL names (``double_blocks.0.img_attn.qkv``, top level or
+    prefixed) say FLUX.1. None when nothing tells: never a default family.
     """
     keys = list(keys)
     if any(k.startswith("conditioner.embedders.") for k in keys):
@@ -230,4 +274,4 @@ def checkpoint_family(keys: Iterable[str]) -> str | None:
     unet = [k for k in keys if k.startswith(UNET_PREFIX) or not k.startswith(("first_stage_model.", "model_ema."))]
     if any(_unet_path(k).startswith(("label_emb.", "add_embedding.")) for k in unet):
         return "sdxl"
-    return detect_unet_family(_unet_path(k) for k in unet if "." in k)
+    return families.detect(_unet_path(k) for k in unet if "." in k)
