@@ -31,11 +31,13 @@ def family_label(family: str | None) -> str:
     return families.label(family)
 
 
-def _with_article(label: str) -> str:
-    """ "an SDXL", "an SD1.x", "an unknown-family": initials are read as letter names ("ess"), words as words."""
-    if label[:1].islower():
-        return ("an " if label[0] in "aeiou" else "a ") + label
-    return ("an " if label[:1] in "AEFHILMNORSX" else "a ") + label
+def with_article(label: str) -> str:
+    """ "an SDXL", "an SD1.x", "a FLUX.1", "an unknown-family": capitals without a vowel are letter names
+    ("ess-dee"), anything else is read as a word."""
+    head = label.split(".", 1)[0].rstrip("0123456789")
+    if head.isupper() and not set(head) & set("AEIOU"):
+        return ("an " if head[0] in "AEFHILMNORSX" else "a ") + label
+    return ("an " if label[:1].lower() in "aeiou" else "a ") + label
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class CoverageReport:
             return " ".join(f"LoRA {i + 1}: {item.summary()}" for i, item in enumerate(self.items))
         text = (
             f"{len(self.matched)} of {self.total} LoRA layers matched ({self.fraction:.0%}); "
-            f"{family_label(self.lora_family)} LoRA on {_with_article(family_label(self.model_family))} model."
+            f"{family_label(self.lora_family)} LoRA on {with_article(family_label(self.model_family))} model."
         )
         if self.unmatched:
             groups = sorted(self.unmatched.items(), key=lambda kv: (-len(kv[1]), kv[0]))
@@ -142,7 +144,7 @@ def _lora_family(lora: LoRA) -> str | None:
 def _hint(report: CoverageReport, lora: LoRA, targets: Mapping[str, Shape]) -> str:
     lora_fam, model_fam = report.lora_family, report.model_family
     if lora_fam is not None and model_fam is not None and lora_fam != model_fam:
-        return f"this looks like {_with_article(family_label(lora_fam))} LoRA, the model is {family_label(model_fam)}"
+        return f"this looks like {with_article(family_label(lora_fam))} LoRA, the model is {family_label(model_fam)}"
     model_parts = sorted({part_of(k) for k in targets})
     lora_parts = sorted({part_of(k) for k in lora.layers})
     if not set(lora_parts) & set(model_parts):

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..lora_ops.coverage import CoverageReport, combine_reports
 from ..lora_ops.errors import LoraValueError
-from ..lora_ops.hosts import ApplyItem, DiffusersHost, check_items
+from ..lora_ops.hosts import ApplyItem, DiffusersHost
 from ..lora_ops.lora import LoRA
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class DiffusersModel:
 
     def check(self, items: Sequence[ApplyItem]) -> CoverageReport:
         """The coverage of ``items`` on this pipeline; raises (like the host would) on a wrong-family LoRA."""
-        return combine_reports(check_items(items, self._host().targets(), family=self.family))
+        return combine_reports(self._host().check(items))
 
     def with_loras(self, items: Sequence[ApplyItem]) -> DiffusersModel:
         """A new value with ``items`` added after this one's; checked now so that a refusal surfaces at once."""

@@ -64,9 +64,11 @@ class PeftAlphas:
     use_rslora: bool = False
 
     def alpha_for(self, path: str) -> float | None:
-        """PEFT semantics: an ``alpha_pattern`` entry matching the module (full name or dotted suffix) wins."""
+        """PEFT semantics: the first ``alpha_pattern`` entry matching the module (full name or dotted suffix; a
+        ``^``-anchored entry, as diffusers and our writer use for names that end other names, the full name only)."""
         for pattern, alpha in self.alpha_pattern.items():
-            if path == pattern or path.endswith("." + pattern):
+            name = pattern.removeprefix("^")
+            if path == name or (name == pattern and path.endswith("." + name)):
                 return alpha
         return self.lora_alpha
 
@@ -162,9 +164,13 @@ def _peft_config(paths_layers: list[tuple[str, object]]) -> dict:
     r = ranks.most_common(1)[0][0]
     alphas = Counter(layer.alpha if layer.alpha is not None else layer.rank for _, layer in paths_layers)
     alpha = alphas.most_common(1)[0][0]
-    rank_pattern = {p: layer.rank for p, layer in paths_layers if layer.rank != r}
+    # PEFT matches a pattern as a dotted suffix, first entry first: FLUX.1's top-level ``proj_out`` would also
+    # match ``single_transformer_blocks.N.proj_out``. A name that ends another is anchored (``^proj_out``).
+    paths = [p for p, _ in paths_layers]
+    pattern = {p: "^" + p if any(o.endswith("." + p) for o in paths) else p for p in paths}
+    rank_pattern = {pattern[p]: layer.rank for p, layer in paths_layers if layer.rank != r}
     alpha_pattern = {
-        p: (layer.alpha if layer.alpha is not None else layer.rank)
+        pattern[p]: (layer.alpha if layer.alpha is not None else layer.rank)
         for p, layer in paths_layers
         if (layer.alpha if layer.alpha is not None else layer.rank) != alpha
     }

@@ -1,4 +1,4 @@
-"""A diffusers Stable Diffusion / SDXL pipeline as a LoRA host: apply with forward hooks, merge reversibly.
+"""A diffusers pipeline (SD 1.x / SDXL UNet, FLUX.1 transformer) as a LoRA host: apply with hooks, merge reversibly.
 
 Applying adds ``s·up(down(x))`` to the output of each targeted Linear/Conv2d through a forward hook, from the
 factors (never the d×k ΔW of a classic LoRA layer); the weights are not touched, and removing the hooks restores
@@ -6,14 +6,25 @@ the model. Merging writes cast(W.float() + Σ s·ΔW) into the weights after che
 CPU backup of each original weight so that `unmerge` restores it bit-for-bit. Hooks rather than PEFT injection keep
 the module tree (and therefore every canonical key and state-dict name) unchanged while a LoRA is applied.
 
-DoRA layers are refused: their output depends on the norm of the patched weight, which the hooks do not model yet.
-diffusers itself is not imported: the pipeline is duck-typed (``unet``, ``text_encoder``, ``text_encoder_2``).
+The denoiser's family comes from its module names (`lora_ops.families.detect`). Its modules are keyed by
+`lora_ops.keymap.model_keys.denoiser_canonical_keys`: a module holding part of a fused original weight (FLUX.1's
+``to_q`` = rows of ``double_blocks.N.img_attn.qkv``) has a part key, and `targets` lists the whole weights (a fused
+one with the rows of all its parts). Each LoRA is first brought into the model's layout
+(`lora_ops.formats.diffusers.diffusers_layers`: layers on fused weights split into their parts, exactly, and the
+final modulation's output halves swapped), so every layer lands on one module. A layer that cannot be split or
+swapped as factors (a LyCORIS LoHa/LoKr on a fused weight) is applied as the rows of its ΔW instead.
+
+A LoRA whose denoiser layers are for another family (a FLUX.1 LoRA on an SD UNet, or the reverse) is refused,
+naming both. DoRA layers are refused: their output depends on the norm of the patched weight, which the hooks do
+not model yet. diffusers itself is not imported: the pipeline is duck-typed (``unet`` or ``transformer``, plus the
+family's text encoders ``text_encoder`` / ``text_encoder_2``); a bare denoiser model is accepted too.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,23 +33,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import keymap
-from ..coverage import CoverageReport, combine_reports
-from ..errors import LoraValueError
-from ..lora import Layer, LoRALayer
-from .base import ApplyItem, Shape, check_items, fit_delta, layer_delta, merged_weight, refuse_non_finite, strength_for
+from .. import families, fused
+from ..coverage import CoverageReport, combine_reports, family_label, with_article
+from ..errors import LoraFormatError, LoraValueError
+from ..formats.diffusers import diffusers_layers
+from ..keymap import unet_layout
+from ..keymap.model_keys import denoiser_canonical_keys, denoiser_family, te_canonical_keys
+from ..lora import Layer, LoRA, LoRALayer, part_of
+from .base import ApplyItem, Shape, check_items, fit_delta, layer_delta, refuse_non_finite, strength_for
 
 log = logging.getLogger(__name__)
 
-TEXT_ENCODERS = (("te1", "text_encoder"), ("te2", "text_encoder_2"))
+Spans = tuple[tuple[int, int], ...]
+"""Row ranges (start, stop) of a layer's ΔW that, stacked in order, make the ΔW of the module it patches."""
+
+
+def _rows(t: torch.Tensor, spans: Spans | None) -> torch.Tensor:
+    return t if spans is None else torch.cat([t[a:b] for a, b in spans])
 
 
 @dataclass(eq=False)
 class _Term:
-    """One LoRA layer on one module at one strength, with its factors cached in the module's dtype/device."""
+    """One LoRA layer on one module at one strength, with its factors cached in the module's dtype/device.
+
+    ``spans`` None: the layer's ΔW is the module's. Else the module gets those rows of it (a part of a fused
+    weight, or swapped halves), for layers the conversion to the model's layout could not split as factors.
+    """
 
     layer: Layer
     strength: float
+    spans: Spans | None = None
     merged: bool = False
     kind: str = ""  # "linear" | "conv" | "tucker" | "dense"
     tensors: tuple[torch.Tensor, ...] = ()
@@ -47,9 +71,13 @@ class _Term:
     def prepare(self, module: nn.Module) -> None:
         """Shape the factors for ``module`` and move them to its weight's device and dtype (once)."""
         weight = module.weight
-        kind, tensors, scale = _factors(self.layer, module)
+        kind, tensors, scale = _factors(self.layer, module, self.spans)
         self.kind, self.scale = kind, scale * self.strength
         self.tensors = tuple(t.detach().to(device=weight.device, dtype=weight.dtype) for t in tensors)
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """The fp32 ΔW (strength not included) this term adds to ``weight``, in its shape."""
+        return fit_delta(_rows(layer_delta(self.layer, weight.device), self.spans), tuple(weight.shape))
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.tensors[0].device != x.device:  # the pipeline moved since apply: re-cache once
@@ -71,22 +99,32 @@ class _Term:
         return y * self.scale
 
 
-def _factors(layer: Layer, module: nn.Module) -> tuple[str, tuple[torch.Tensor, ...], float]:
+def _factors(layer: Layer, module: nn.Module, spans: Spans | None) -> tuple[str, tuple[torch.Tensor, ...], float]:
     """(kind, tensors, scale) to compute ``layer``'s output on ``module``: factors when possible, else dense ΔW."""
     shape = tuple(module.weight.shape)
     is_conv = isinstance(module, nn.Conv2d)
     plain_conv = is_conv and module.groups == 1 and module.padding_mode == "zeros"
     if isinstance(layer, LoRALayer) and layer.mid is None and not is_conv:
-        return "linear", (layer.down.flatten(1), layer.up.flatten(1)), layer.scale  # (r, in), (out, r)
-    if isinstance(layer, LoRALayer) and plain_conv:
+        up = _rows(layer.up.flatten(1), spans)  # rows of ΔW = rows of up: still exact as factors
+        return "linear", (layer.down.flatten(1), up), layer.scale  # (r, in), (out, r)
+    if isinstance(layer, LoRALayer) and plain_conv and spans is None:
         r = layer.rank
         up = layer.up.reshape(shape[0], r, 1, 1)  # (out, r, 1, 1)
         if layer.mid is not None:
             down = layer.down.reshape(r, shape[1], 1, 1)  # (r, in, 1, 1)
             return "tucker", (down, layer.mid, up), layer.scale
         return "conv", (layer.down.reshape(r, *shape[1:]), up), layer.scale  # (r, in, kh, kw)
-    dense = fit_delta(layer_delta(layer, module.weight.device), shape)  # LoHa/LoKr: ΔW is what they are
+    # LoHa/LoKr: ΔW is what they are (and its rows, on part of a fused weight)
+    dense = fit_delta(_rows(layer_delta(layer, module.weight.device), spans), shape)
     return "dense", (dense,), 1.0
+
+
+def _merged_weight(weight: torch.Tensor, terms: Sequence[_Term]) -> torch.Tensor:
+    """cast(W.float() + Σ s·ΔW) in the weight's dtype, computed in fp32 (as `base.merged_weight`, rows included)."""
+    acc = weight.detach().to(torch.float32, copy=True)
+    for term in terms:
+        acc += term.strength * term.delta(weight)
+    return acc.to(weight.dtype)
 
 
 @dataclass(eq=False)
@@ -109,51 +147,108 @@ def _hook(slot: _Slot, module: nn.Module, args: tuple, kwargs: dict, output: tor
     return output
 
 
+def _is_item(item: object) -> bool:
+    try:
+        return len(item) == 3 and isinstance(item[0], LoRA)  # type: ignore[arg-type, index]
+    except TypeError:
+        return False
+
+
 class DiffusersHost:
-    """A `StableDiffusionPipeline` / `StableDiffusionXLPipeline` (UNet + text encoders) behind `LoraHost`."""
+    """A diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``FluxPipeline`` …) or a
+    bare denoiser (``UNet2DConditionModel``, ``FluxTransformer2DModel``) behind `LoraHost`.
+
+    ``family`` None detects it from the denoiser's module names; a given family is checked against them.
+    """
 
     def __init__(self, pipe: Any, family: str | None = None, *, min_fraction: float = 0.5) -> None:
         self.pipe = pipe
         self.min_fraction = min_fraction
-        models = [("unet", pipe.unet)] + [(p, getattr(pipe, a, None)) for p, a in TEXT_ENCODERS]
-        for _, model in models:
-            if model is not None and any(hasattr(m, "base_layer") for m in model.modules()):
+        denoiser = _denoiser(pipe)
+        self.denoiser = denoiser
+        for model in [denoiser, *_candidate_encoders(pipe, denoiser)]:
+            if any(hasattr(m, "base_layer") for m in model.modules()):
                 raise LoraValueError(
                     "the pipeline already holds diffusers/PEFT LoRA layers",
                     hint="call pipe.unload_lora_weights() first, or start from a fresh pipeline",
                 )
-        self.family = _family(pipe.unet, family)
-        self._modules: dict[str, nn.Module] = {}
-        for key, path in keymap.unet_canonical_keys(pipe.unet, self.family).items():
-            self._modules[key] = pipe.unet.get_submodule(path)
-        for prefix, attr in TEXT_ENCODERS:
-            te = getattr(pipe, attr, None)
-            if te is not None:
-                self._modules.update({k: te.get_submodule(p) for k, p in keymap.te_canonical_keys(te, prefix).items()})
+        self.family = _family(denoiser, family)
+        fam = families.get(self.family)
+        self._modules: dict[str, nn.Module] = {
+            key: denoiser.get_submodule(path) for key, path in denoiser_canonical_keys(denoiser, self.family).items()
+        }
+        if pipe is not denoiser:
+            for te in fam.text_encoders:
+                model = getattr(pipe, te.diffusers, None)
+                if isinstance(model, nn.Module):
+                    keys = te_canonical_keys(model, te.part, te.kind)
+                    self._modules.update({k: model.get_submodule(p) for k, p in keys.items()})
+        self._targets = _whole_targets(self._modules, fam)
         self._slots: dict[str, _Slot] = {}
         self.reports: list[CoverageReport] = []
 
     def targets(self) -> dict[str, Shape]:
-        return {key: tuple(module.weight.shape) for key, module in self._modules.items()}
+        """Canonical WHOLE-weight key → shape; a fused weight the model holds as parts has all their rows."""
+        return dict(self._targets)
 
     def module(self, key: str) -> nn.Module:
-        """The Linear/Conv2d behind a canonical key (for inspection; patch it through the host, not directly)."""
+        """The Linear/Conv2d behind a canonical key (a part key for a module holding part of a fused weight)."""
         return self._modules[key]
+
+    def module_keys(self) -> tuple[str, ...]:
+        """The canonical key of every module a LoRA may patch (part keys for the parts of fused weights)."""
+        return tuple(self._modules)
 
     @property
     def is_merged(self) -> bool:
         return any(slot.backup is not None for slot in self._slots.values())
 
+    def model_layout(self, lora: LoRA) -> LoRA:
+        """``lora`` as this model holds its weights: fused layers split into parts, swapped halves swapped.
+
+        A layer that cannot be converted as factors (LyCORIS on a fused/swapped weight, DoRA) is kept as it is,
+        under its whole key; `apply` then places the rows of its ΔW (DoRA is refused there). A LoRA without a
+        family is read as this model's family when the model has fused weights (a wrong-family LoRA is refused
+        before: `check`).
+        """
+        return self._layout(lora)[0]
+
+    def _layout(self, lora: LoRA) -> tuple[LoRA, frozenset[str]]:
+        """(`model_layout`, the keys of the layers kept unconverted)."""
+        fam = families.get(self.family)
+        if not (fam.fused or fam.swap_halves) or not any(part_of(k) == "unet" for k in lora.layers):
+            return lora, frozenset()  # nothing to convert (SD UNets hold every weight as the original does)
+        if lora.family is None:
+            lora = lora.replace(family=self.family)
+        if lora.family != self.family:
+            return lora, frozenset()
+        kept: dict[str, Layer] = {}
+        for key, layer in lora.layers.items():
+            if self._held_differently(key):
+                try:
+                    diffusers_layers(lora.replace(layers={key: layer}))
+                except LoraFormatError:
+                    kept[key] = layer
+        rest = diffusers_layers(lora.replace(layers={k: v for k, v in lora.layers.items() if k not in kept}))
+        return (rest.replace(layers={**rest.layers, **kept}) if kept else rest), frozenset(kept)
+
+    def check(self, items: Sequence[ApplyItem]) -> list[CoverageReport]:
+        """Validate ``items`` as `apply` does (family, layout, coverage, DoRA) without changing anything."""
+        return self._checked(items)[2]
+
     def apply(self, items: Sequence[ApplyItem]) -> CoverageReport:
-        reports = check_items(items, self.targets(), family=self.family, min_fraction=self.min_fraction)
+        converted, kept, reports = self._checked(items)
         new: list[tuple[str, _Term]] = []
-        for (lora, sm, st), report in zip(items, reports):
+        for (lora, sm, st), whole, report in zip(converted, kept, reports):
             for key in report.matched:
                 strength = strength_for(key, sm, st)
-                if strength != 0:
-                    term = _Term(lora.layers[key], float(strength))
-                    term.prepare(self._modules[key])
-                    new.append((key, term))
+                if strength == 0:
+                    continue
+                layer = lora.layers[key]
+                for module_key, spans in self._placements(key, layer, key in whole):
+                    term = _Term(layer, float(strength), spans)
+                    term.prepare(self._modules[module_key])
+                    new.append((module_key, term))
         for key, term in new:  # everything prepared: now install (nothing above changed the model)
             slot = self._slots.get(key)
             if slot is None:
@@ -171,10 +266,7 @@ class DiffusersHost:
         if not pending:
             log.warning("merge: no applied LoRA left to merge")
             return
-        results = {
-            k: merged_weight(self._slots[k].module.weight, [(t.layer, t.strength) for t in terms])
-            for k, terms in pending.items()
-        }
+        results = {k: _merged_weight(self._slots[k].module.weight, terms) for k, terms in pending.items()}
         refuse_non_finite(results)
         with torch.no_grad():
             for key, new in results.items():
@@ -213,15 +305,135 @@ class DiffusersHost:
         self._slots.clear()
         self.reports.clear()
 
+    # ------------------------------------------------------------------ checks and placement
 
-def _family(unet: nn.Module, given: str | None) -> str:
-    """The UNet's family from its module names; a given family is checked against them when they tell."""
-    if given is not None:
-        keymap.unet_layout(given)  # unknown families raise here, listing the known ones
-    names = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    detected = keymap.detect_unet_family(names)
+    def _checked(
+        self, items: Sequence[ApplyItem]
+    ) -> tuple[list[ApplyItem], list[frozenset[str]], list[CoverageReport]]:
+        """Every item's LoRA checked for its family and brought into the model's layout, then coverage-checked:
+        (converted items, keys kept unconverted per item, reports)."""
+        converted: list[Any] = []
+        kept: list[frozenset[str]] = []
+        for i, item in enumerate(items):
+            whole: frozenset[str] = frozenset()
+            if _is_item(item):
+                lora, sm, st = item
+                self._check_family(lora, i)
+                lora, whole = self._layout(lora)
+                item = (lora, sm, st)
+            converted.append(item)  # malformed items are refused by check_items, with their index
+            kept.append(whole)
+        reports = check_items(converted, self._targets, family=self.family, min_fraction=self.min_fraction)
+        return converted, kept, reports
+
+    def _check_family(self, lora: LoRA, index: int) -> None:
+        """Refuse a LoRA whose denoiser layers are for another family (its own, or what its keys say)."""
+        modules = [fused.parse_key(k)[0] for k in lora.layers if part_of(k) == "unet"]
+        if not modules:
+            return  # text encoders only: coverage says whether they fit
+        lora_family = lora.family if lora.family is not None else families.detect(modules)
+        if lora_family is None or lora_family == self.family:
+            return
+        raise LoraValueError(
+            f"this looks like {with_article(family_label(lora_family))} LoRA, the model is {family_label(self.family)}",
+            hint=f"LoRA {index + 1}: its {len(modules)} denoiser layers are for another model family",
+        )
+
+    def _held_differently(self, key: str) -> bool:
+        """Whether the model holds the weight of whole key ``key`` as parts, or with its output halves swapped."""
+        module, part = fused.parse_key(key)
+        if part is not None or not module.startswith("unet."):
+            return False
+        fam = families.get(self.family)
+        path = module.removeprefix("unet.")
+        return fam.fused_weight(path) is not None or path in fam.swap_halves
+
+    def _placements(self, key: str, layer: Layer, kept: bool) -> list[tuple[str, Spans | None]]:
+        """(module key, rows of the layer's ΔW or None for all of it) for each module a matched layer patches.
+
+        Converted layers land on one module each. A layer ``kept`` unconverted on a weight the model holds
+        differently gets its rows placed instead: each part's rows on a fused weight's part modules, or its two
+        output halves exchanged.
+        """
+        if not kept:
+            return [(key, None)]
+        fam = families.get(self.family)
+        path = key.removeprefix("unet.")
+        rows = int(layer.delta_shape[0])
+        spec = fam.fused_weight(path)
+        if spec is None:  # swapped output halves (coverage checked the row count against the weight)
+            half = rows // 2
+            return [(key, ((half, rows), (0, half)))]
+        unit = spec.unit_of_weight(rows, key=key)
+        out = []
+        for p in spec.parts:
+            start, length = spec.rows(p.name, unit)
+            out.append((fused.part_key(key, p.name), ((start, start + length),)))
+        return out
+
+
+def _denoiser(pipe: Any) -> nn.Module:
+    """The pipeline's denoiser (its family's diffusers component: ``unet``, ``transformer``), or ``pipe`` itself."""
+    for attr in dict.fromkeys(f.diffusers_component for f in families.REGISTRY.values()):
+        model = getattr(pipe, attr, None)
+        if isinstance(model, nn.Module):
+            return model
+    if isinstance(pipe, nn.Module):
+        return pipe
+    raise LoraValueError(
+        f"{type(pipe).__name__} is neither a diffusers pipeline nor a denoiser model",
+        hint="pass a pipeline with a unet/transformer, or the UNet2DConditionModel/FluxTransformer2DModel itself",
+    )
+
+
+def _candidate_encoders(pipe: Any, denoiser: nn.Module) -> list[nn.Module]:
+    """Every text encoder any family could use on ``pipe`` (checked for injected adapters before detection)."""
+    if pipe is denoiser:
+        return []
+    attrs = dict.fromkeys(te.diffusers for f in families.REGISTRY.values() for te in f.text_encoders)
+    return [m for a in attrs if isinstance(m := getattr(pipe, a, None), nn.Module)]
+
+
+def _whole_targets(modules: dict[str, nn.Module], fam: families.Family) -> dict[str, Shape]:
+    """Whole-weight key → shape; a fused weight held as part modules gets Σ their rows (all parts required)."""
+    targets: dict[str, Shape] = {}
+    parts: dict[str, dict[str, Shape]] = defaultdict(dict)
+    for key, module in modules.items():
+        name, part = fused.parse_key(key)
+        shape = tuple(module.weight.shape)
+        if part is None:
+            targets[key] = shape
+        else:
+            parts[name][part] = shape
+    for name, shapes in parts.items():
+        spec = fam.fused_weight(name.removeprefix("unet."))
+        missing = sorted({p.name for p in spec.parts} - set(shapes)) if spec is not None else []
+        if spec is None or missing:
+            raise LoraValueError(f"the model holds parts {sorted(shapes)} of {name} but not {missing}", key=name)
+        units = {spec.unit_of_part(p, s[0], key=fused.part_key(name, p)) for p, s in shapes.items()}
+        rest = {s[1:] for s in shapes.values()}
+        if len(units) > 1 or len(rest) > 1:
+            raise LoraValueError(f"the parts of {name} do not stack into one weight",
+                                 key=name, hint=", ".join(f"{p}: {s}" for p, s in sorted(shapes.items())))
+        targets[name] = (units.pop() * spec.total, *rest.pop())
+    return targets
+
+
+def _family(denoiser: nn.Module, given: str | None) -> str:
+    """The denoiser's family from its module names; a given family is checked against them when they tell."""
+    detected = denoiser_family(denoiser)
+    what = "UNet" if detected is not None and families.get(detected).unet_layout is not None else "model"
+    if given is not None and given not in families.IDS:
+        if what == "UNet":
+            unet_layout(given)  # raises "unknown UNet family …", listing the UNet families
+        families.get(given)  # raises "unknown model family …", listing every family
     if given is not None and detected is not None and given != detected:
-        raise LoraValueError(f"family='{given}' was given, but the UNet's layout is '{detected}'")
+        raise LoraValueError(
+            f"family='{given}' was given, but the {what}'s layout is '{detected}' ({family_label(detected)})"
+        )
     if given is None and detected is None:
-        raise LoraValueError("cannot tell the UNet family from its module names", hint="pass family='sd1' or 'sdxl'")
+        raise LoraValueError(
+            f"cannot tell the model family of {type(denoiser).__name__} from its module names",
+            hint=f"pass family= (known families: {', '.join(families.IDS)})",
+        )
     return given or detected
