@@ -60,6 +60,11 @@ def _fused_weight(lora_family: str | None, module_key: str, key: str) -> familie
 
 def _plain(layer: Layer, key: str, action: str) -> LoRALayer:
     if not isinstance(layer, LoRALayer):
+        if action == "fused":
+            raise LoraFormatError(
+                f"a LyCORIS {layer.kind} layer on one part of a fused weight cannot be fused into it exactly",
+                key=key, hint="it applies and bakes as it is (on its rows); keep the file in its own names",
+            )
         raise LoraFormatError(
             f"a LyCORIS {layer.kind} layer on a fused weight cannot be {action} exactly",
             key=key, hint="write it in kohya or comfyui format (fused names), which keep it whole",

@@ -13,6 +13,7 @@ from lora_ops.errors import LoraFormatError
 from lora_ops.files import load_lora, save_lora
 from lora_ops.formats import detect_format, read_lora, write_lora
 from lora_ops.formats.diffusers import diffusers_layers, write_peft
+from lora_ops.inspect import inspect_lora
 from lora_ops.keymap import dotted_to_kohya
 
 H = 16  # hidden width of the synthetic LoRAs (any width works: nothing is hard-coded)
@@ -145,6 +146,11 @@ def test_lycoris_on_a_fused_weight_stays_fused_and_says_why():
     assert "lora_unet_double_blocks_0_img_attn_qkv.lokr_w1" in tensors
     with pytest.raises(LoraFormatError, match="lokr layer on a fused weight cannot be split exactly.*kohya"):
         write_lora(lora, "diffusers")
+    on_part = L.LoRA({"unet.double_blocks.0.img_attn.qkv[q]": L.LycorisLayer(
+        "lokr", {"lokr_w1": torch.randn(2, 2, generator=g), "lokr_w2": torch.randn(H // 2, H // 2, generator=g)})},
+        family="flux1")
+    with pytest.raises(LoraFormatError, match="one part of a fused weight cannot be fused.*applies and bakes"):
+        write_lora(on_part, "kohya")
 
 
 # ------------------------------------------------------------------ every spelling reads as flux1
@@ -188,6 +194,8 @@ def test_every_spelling_reads_as_flux1_with_the_same_fused_deltas(spelling):
     assert unused == [] and got.family == "flux1"
     want = lora if spelling in ("kohya", "comfyui") else L.filter_layers(lora, "unet.")
     assert_same_deltas(got, want)
+    report = inspect_lora(got)
+    assert report["family"] == "flux1" and report["fused_weights"]["single_blocks.*.linear1"]
 
 
 def test_diffusers_file_with_alphas_and_text_encoders(tmp_path):
