@@ -181,12 +181,16 @@ def _spellings(lora: L.LoRA) -> dict[str, dict[str, torch.Tensor]]:
         "diffsynth-bare": bare_diffusers,
         "bfl-bare": {k.removeprefix("diffusion_model."): v for k, v in comfy.items()},
         "fal-peft": {"base_model.model." + k: v for k, v in bare_diffusers.items()},
+        # fal's Kontext trainer as diffusers' _convert_fal_kontext_lora_to_diffusers reads it: BFL names, PEFT suffixes
+        "fal-bfl": {"base_model.model." + k.removeprefix("diffusion_model.").replace(".lora_down.", ".lora_A.")
+                    .replace(".lora_up.", ".lora_B."): v for k, v in comfy.items() if not k.endswith(".alpha")},
         "comfyui-diffusers-names": {"diffusion_model." + k: v for k, v in bare_diffusers.items()},
     }
 
 
 @pytest.mark.parametrize("spelling", ["kohya", "comfyui", "onetrainer-mixture", "simpletuner-lycoris",
-                                      "diffsynth-bare", "bfl-bare", "fal-peft", "comfyui-diffusers-names"])
+                                      "diffsynth-bare", "bfl-bare", "fal-peft", "fal-bfl",
+                                      "comfyui-diffusers-names"])
 def test_every_spelling_reads_as_flux1_with_the_same_fused_deltas(spelling):
     lora = flux_lora(alpha=4.0)  # alpha = rank where a spelling carries no alpha (diffusers-named, no metadata)
     tensors = _spellings(lora)[spelling]

@@ -167,7 +167,8 @@ def _peft_config(paths_layers: list[tuple[str, object]]) -> dict:
     # PEFT matches a pattern as a dotted suffix, first entry first: FLUX.1's top-level ``proj_out`` would also
     # match ``single_transformer_blocks.N.proj_out``. A name that ends another is anchored (``^proj_out``).
     paths = [p for p, _ in paths_layers]
-    pattern = {p: "^" + p if any(o.endswith("." + p) for o in paths) else p for p in paths}
+    tails = {p.split(".", i)[i] for p in paths for i in range(1, p.count(".") + 1)}  # every proper dotted suffix
+    pattern = {p: "^" + p if p in tails else p for p in paths}
     rank_pattern = {pattern[p]: layer.rank for p, layer in paths_layers if layer.rank != r}
     alpha_pattern = {
         pattern[p]: (layer.alpha if layer.alpha is not None else layer.rank)
