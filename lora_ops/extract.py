@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import families
 from .errors import LoraFileError, LoraValueError
 from .io import read_safetensors_header
 from .keymap import checkpoint_family, checkpoint_targets
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 Source = str | Path | Mapping[str, Tensor]
 Getter = Callable[[], Tensor]
-CANONICAL_PARTS = ("unet", "te1", "te2")
+CANONICAL_PARTS = ("unet", "te1", "te2", "te3")
 DIFFUSERS_FILES = {
     "unet": "unet/diffusion_pytorch_model.safetensors",
     "text_encoder": "text_encoder/model.safetensors",
@@ -47,7 +48,9 @@ DIFFUSERS_FILES = {
 def open_weights(source: Source, family: str | None = None) -> Iterator[tuple[dict[str, Getter], str | None]]:
     """canonical key → a function reading that (2-D or 4-D) weight, and the family; files stay open meanwhile."""
     if isinstance(source, Mapping) and source and all(k.split(".", 1)[0] in CANONICAL_PARTS for k in source):
-        yield {k: (lambda t=t: t) for k, t in source.items()}, family  # already canonical: host weights
+        # already canonical (host weights): their module names tell the family when it is not given
+        fam = family or families.detect(k.removeprefix("unet.") for k in source if k.startswith("unet."))
+        yield {k: (lambda t=t: t) for k, t in source.items()}, fam
         return
     with ExitStack() as stack:
         files: list[tuple[str | None, Mapping[str, Tensor] | object, list[str]]] = []

@@ -215,7 +215,7 @@ def test_lycoris_and_whole_layers_on_parts_of_one_weight(tmp_path, bfl):
     whole = L.LoRALayer(torch.randn(2, 128, generator=g) * 0.1, torch.randn(896, 2, generator=g) * 0.1, 2.0)
     lora = L.LoRA({"unet.double_blocks.0.img_attn.qkv[v]": lokr, "unet.single_blocks.1.linear1[mlp]": loha,
                    "unet.single_blocks.1.linear1": whole}, family="flux1")  # fmt: skip
-    with pytest.raises(LoraFormatError, match="cannot be fused exactly"):
+    with pytest.raises(LoraFormatError, match="cannot be fused into it exactly"):
         fused.fuse(lora)
     bake(ckpt, [(lora, 0.9, 1.0)], tmp_path / "out.safetensors")
     check_baked(tmp_path / "out.safetensors", ckpt, "", [(lora, 0.9, 1.0)])
