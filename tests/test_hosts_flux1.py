@@ -21,7 +21,12 @@ from lora_ops.files import load_lora, save_lora
 from lora_ops.hosts import DiffusersHost, LoraHost
 from lora_ops.keymap.model_keys import denoiser_canonical_keys, te_canonical_keys
 from lora_ops.testing import tiny
-from lora_ops.testing.tiny_flux import bfl_to_diffusers, tiny_flux_bfl_state_dict, tiny_flux_transformer
+from lora_ops.testing.tiny_flux import (
+    bfl_to_diffusers,
+    tiny_flux_bfl_state_dict,
+    tiny_flux_forward,
+    tiny_flux_transformer,
+)
 
 TOL = 1e-5  # forward outputs (fp32)
 REL = 1e-6  # ΔW against the full-matrix reference, relative to its largest entry
@@ -61,23 +66,6 @@ def reference_deltas(lora: L.LoRA) -> dict[str, torch.Tensor]:
             if k.endswith(".weight") and v.ndim == 2}
 
 
-def forward(model, seed: int = 0, h: int = 4, w: int = 4, txt: int = 8) -> torch.Tensor:
-    """One forward pass on packed latent tokens, as FluxPipeline calls the transformer."""
-    gen = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    img_ids = torch.zeros(h, w, 3)
-    img_ids[..., 1] = torch.arange(h)[:, None]
-    img_ids[..., 2] = torch.arange(w)[None, :]
-    with torch.no_grad():
-        return model(
-            hidden_states=torch.randn(1, h * w, cfg.in_channels, generator=gen),
-            encoder_hidden_states=torch.randn(1, txt, cfg.joint_attention_dim, generator=gen),
-            pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=gen),
-            timestep=torch.tensor([0.5]),
-            img_ids=img_ids.reshape(-1, 3),
-            txt_ids=torch.zeros(txt, 3),
-            guidance=torch.tensor([3.5]),
-        ).sample
 
 
 def state(model):
@@ -157,25 +145,25 @@ def test_apply_merge_unmerge_on_split_modules():
     lora = flux_lora()
     model = tiny_flux_transformer()
     host = DiffusersHost(model)
-    base_state, base = state(model), forward(model)
+    base_state, base = state(model), tiny_flux_forward(model)
 
     report = host.apply([(lora, 0.7, 1.0)])
     # every fused layer became its parts (q, k, v / q, k, v, mlp), each on one module
     assert report.fraction == 1.0 and len(report.matched) == len(lora) + 2 * 2 * 2 + 2 * 3
     assert "unet.single_blocks.0.linear1[mlp]" in report.matched
     assert same_state(state(model), base_state)  # applying touches no weight
-    applied = forward(model)
+    applied = tiny_flux_forward(model)
     assert (applied - base).abs().max().item() > 1e-2  # the LoRA does something
 
     host.merge()
-    assert (forward(model) - applied).abs().max().item() <= TOL  # merged = applied
+    assert (tiny_flux_forward(model) - applied).abs().max().item() <= TOL  # merged = applied
     worst = assert_deltas(moved(model, base_state, 0.7), reference_deltas(lora))
     assert worst <= REL, worst
     host.unmerge()
     assert same_state(state(model), base_state)  # bit for bit
-    assert torch.equal(forward(model), applied)  # hooks active again
+    assert torch.equal(tiny_flux_forward(model), applied)  # hooks active again
     host.remove()
-    assert no_hooks(model) and torch.equal(forward(model), base)
+    assert no_hooks(model) and torch.equal(tiny_flux_forward(model), base)
 
 
 def test_kohya_and_diffusers_spellings_give_the_same_merged_weights(tmp_path):
@@ -226,13 +214,13 @@ def test_lycoris_layers_on_fused_and_swapped_weights_patch_their_rows():
 
     model = tiny_flux_transformer()
     host = DiffusersHost(model)
-    base_state, base = state(model), forward(model)
+    base_state, base = state(model), tiny_flux_forward(model)
     report = host.apply([(lora, 0.8, 1.0)])
     assert "unet.double_blocks.0.img_attn.qkv" in report.matched  # kept whole, placed by rows
-    applied = forward(model)
+    applied = tiny_flux_forward(model)
     assert (applied - base).abs().max().item() > 1e-2
     host.merge()
-    assert (forward(model) - applied).abs().max().item() <= TOL
+    assert (tiny_flux_forward(model) - applied).abs().max().item() <= TOL
     assert_deltas(moved(model, base_state, 0.8), reference_deltas(lora))
     host.unmerge()
     assert same_state(state(model), base_state)

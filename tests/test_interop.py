@@ -1,6 +1,5 @@
 """Files we write load in the third-party code itself (diffusers, PEFT) with every key used and the same ΔW."""
 
-import logging
 
 import pytest
 from helpers import sample_lora
@@ -9,26 +8,6 @@ from lora_ops import keymap
 from lora_ops import lora as L
 from lora_ops.files import save_lora
 from lora_ops.testing import tiny
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def warnings_log():
-    handler = _Records()
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    yield handler.messages
-    for lg in loggers:
-        lg.removeHandler(handler)
 
 
 def _pipeline_modules(pipe, family):

@@ -15,38 +15,17 @@ and readers instead (tests/test_hosts_flux1.py).
 
 import functools
 import json
-import logging
 
 import pytest
 import torch
-from test_hosts_flux1 import TOL, assert_deltas, flux_lora, forward, moved, reference_deltas, state
+from test_hosts_flux1 import TOL, assert_deltas, flux_lora, moved, reference_deltas, state
 
 from lora_ops import lora as L
 from lora_ops.files import load_lora, save_lora
 from lora_ops.hosts import DiffusersHost
 from lora_ops.keymap.model_keys import te_canonical_keys
 from lora_ops.testing import tiny
-from lora_ops.testing.tiny_flux import tiny_flux_transformer
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def warnings_log():
-    handler = _Records()
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    yield handler.messages
-    for lg in loggers:
-        lg.removeHandler(handler)
+from lora_ops.testing.tiny_flux import tiny_flux_forward, tiny_flux_transformer
 
 
 def complaints(messages):
@@ -94,7 +73,7 @@ def our_applied_output(lora):
     model = tiny_flux_transformer()
     host = DiffusersHost(model)
     host.apply([(L.filter_layers(lora, "unet."), 1.0, 1.0)])
-    return forward(model)
+    return tiny_flux_forward(model)
 
 
 def clip_deltas(clip, before):
@@ -126,7 +105,7 @@ def test_diffusers_file_loads_in_diffusers_exactly(tmp_path, warnings_log, route
     assert sum(hasattr(m, "lora_A") for m in model.modules()) == n_linear  # every Linear got its adapter
     assert sum(hasattr(m, "lora_A") for m in clip.modules()) == len(clip_keys())
 
-    with_adapters = forward(model)  # PEFT's unfused LoRA forward = our hooks' forward
+    with_adapters = tiny_flux_forward(model)  # PEFT's unfused LoRA forward = our hooks' forward
     assert (with_adapters - our_applied_output(lora)).abs().max().item() <= TOL
 
     pipe.fuse_lora(components=["transformer", "text_encoder"], lora_scale=1.0)

@@ -18,6 +18,7 @@ from lora_ops.testing.tiny_flux import (  # noqa: E402
     diffusers_to_bfl,
     save_bfl_checkpoint,
     tiny_flux_bfl_state_dict,
+    tiny_flux_forward,
     tiny_flux_transformer,
 )
 
@@ -38,23 +39,6 @@ def hidden_of(m) -> int:
     return m.config.num_attention_heads * m.config.attention_head_dim
 
 
-def forward(m, seed: int = 0, h: int = 4, w: int = 4, txt: int = 8) -> torch.Tensor:
-    """One forward pass on packed latent tokens (h × w tokens), as FluxPipeline calls it."""
-    gen = torch.Generator().manual_seed(seed)
-    cfg = m.config
-    img_ids = torch.zeros(h, w, 3)
-    img_ids[..., 1] = torch.arange(h)[:, None]
-    img_ids[..., 2] = torch.arange(w)[None, :]
-    with torch.no_grad():
-        return m(
-            hidden_states=torch.randn(1, h * w, cfg.in_channels, generator=gen),
-            encoder_hidden_states=torch.randn(1, txt, cfg.joint_attention_dim, generator=gen),
-            pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=gen),
-            timestep=torch.tensor([0.5]),
-            img_ids=img_ids.reshape(-1, 3),
-            txt_ids=torch.zeros(txt, 3),
-            guidance=torch.tensor([3.5]) if cfg.guidance_embeds else None,
-        ).sample
 
 
 def diffusers_convert(bfl: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -114,10 +98,10 @@ def test_builds_and_runs():
     m = model()
     assert not m.training
     assert sum(p.numel() for p in m.parameters()) < 3_000_000
-    out = forward(m)
+    out = tiny_flux_forward(m)
     assert out.shape == (1, 16, m.config.in_channels)
     assert torch.isfinite(out).all()
-    assert torch.equal(out, forward(m))
+    assert torch.equal(out, tiny_flux_forward(m))
 
 
 def test_weights_deterministic_nonzero_and_seeded():
@@ -128,7 +112,7 @@ def test_weights_deterministic_nonzero_and_seeded():
     assert all(t.count_nonzero() == t.numel() for t in a.values())  # biases and norms too: nothing zero
     norm_scales = [k for k in a if ".norm_" in k and k.endswith(".weight") and a[k].ndim == 1]
     assert norm_scales and all(a[k].sub(1).abs().max() < 0.2 for k in norm_scales)  # RMS-norm scales near 1
-    assert not torch.equal(forward(model(0)), forward(tiny_flux_transformer(1)))
+    assert not torch.equal(tiny_flux_forward(model(0)), tiny_flux_forward(tiny_flux_transformer(1)))
 
 
 def test_global_rng_untouched_and_dtype():
@@ -171,7 +155,7 @@ def test_schnell_like_model_without_guidance():
     assert {k.split(".")[1] for k in bfl if k.startswith("single_blocks.")} == {"0", "1", "2"}
     assert_same(diffusers_convert(bfl), sd)
     assert_same(bfl_to_diffusers(bfl), sd)
-    assert torch.isfinite(forward(m)).all()
+    assert torch.isfinite(tiny_flux_forward(m)).all()
 
 
 def test_bfl_to_diffusers_inverts_exactly():

@@ -2,7 +2,6 @@
 learning, diffusers interop of the saved file, bad data, text-encoder LoRA, the command line."""
 
 import json
-import logging
 import math
 import os
 import signal
@@ -42,26 +41,6 @@ def _problems(messages):
     """diffusers/PEFT warnings about keys they could not place (a UNet-only file's "no text encoder keys" is fine)."""
     return [m for m in messages if ("unexpected" in m.lower() or "missing" in m.lower())
             and not m.startswith("No LoRA keys associated")]
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def warnings_log():
-    handler = _Records()
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    yield handler.messages
-    for lg in loggers:
-        lg.removeHandler(handler)
 
 
 # ------------------------------------------------------------------------------------------------ step 0

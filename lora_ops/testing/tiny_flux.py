@@ -266,3 +266,22 @@ def save_bfl_checkpoint(path: StrPath, state_dict: Mapping[str, torch.Tensor], *
     tensors = {prefix + name: t.detach().contiguous().clone() for name, t in state_dict.items()}
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp))
+
+def tiny_flux_forward(m: FluxTransformer2DModel, seed: int = 0, h: int = 4, w: int = 4, txt: int = 8) -> torch.Tensor:
+    """One forward pass on seeded random inputs: h × w packed latent tokens and ``txt`` text tokens, with the ids,
+    pooled vector, timestep and guidance FluxPipeline passes (guidance only for a guidance-distilled model)."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = m.config
+    img_ids = torch.zeros(h, w, 3)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    with torch.no_grad():
+        return m(
+            hidden_states=torch.randn(1, h * w, cfg.in_channels, generator=gen),
+            encoder_hidden_states=torch.randn(1, txt, cfg.joint_attention_dim, generator=gen),
+            pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=gen),
+            timestep=torch.tensor([0.5]),
+            img_ids=img_ids.reshape(-1, 3),
+            txt_ids=torch.zeros(txt, 3),
+            guidance=torch.tensor([3.5]) if cfg.guidance_embeds else None,
+        ).sample
