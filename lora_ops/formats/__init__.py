@@ -30,6 +30,7 @@ class Format:
     detect: Callable[[list[str], Mapping[str, str]], bool]
     read: Reader
     write: Writer | None
+    why_unused: Callable[[list[str]], str | None] | None = None  # a format-specific reason for leftover keys
 
 
 FORMATS: dict[str, Format] = {
@@ -47,7 +48,8 @@ FORMATS: dict[str, Format] = {
                comfyui.read, comfyui.write),
         Format("diffusers", "diffusers: unet./transformer./text_encoder./text_encoder_2. + lora_A/lora_B",
                diffusers.detect, diffusers.read, diffusers.write),
-        Format("bare", "bare model names (DiffSynth, BFL control LoRAs), read-only", bare.detect, bare.read, None),
+        Format("bare", "bare model names (DiffSynth, BFL control LoRAs), read-only", bare.detect, bare.read, None,
+               bare.why_unused),
     )
 }
 WRITABLE = tuple(name for name, f in FORMATS.items() if f.write is not None)
@@ -82,11 +84,13 @@ def read_lora(
     lora, unused = FORMATS[name].read(tensors, metadata, family=family, file=file)
     if unused:
         shown = ", ".join(sorted(unused)[:5]) + (f" … (+{len(unused) - 5} more)" if len(unused) > 5 else "")
+        why = FORMATS[name].why_unused(unused) if FORMATS[name].why_unused else None
         if strict:
             raise LoraFormatError(
-                f"{len(unused)} key(s) not understood as {name} LoRA weights: {shown}",
+                why or f"{len(unused)} key(s) not understood as {name} LoRA weights: {shown}",
                 file=file,
-                hint="pass strict=False to load the rest and list these",
+                hint=("ComfyUI's own LoraLoader applies them; " if why else "")
+                + "pass strict=False to load the rest and list these",
             )
         log.warning("%s: %d key(s) not used: %s", file or "<state dict>", len(unused), shown)
     if not lora.layers:

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 import torch
 
 from .. import families
-from ..errors import LoraFormatError
 from ..lora import LoRA
 from . import names
 from .layers import ANY_SUFFIXES, LayerTable, group_by_module, split_key
@@ -29,17 +28,19 @@ def detect(keys: list[str], metadata: Mapping[str, str]) -> bool:
     return False
 
 
+def why_unused(unused: list[str]) -> str | None:
+    """The reason to give when a strict read leaves ``unused`` keys: BFL control LoRAs carry non-LoRA parts."""
+    extra = sorted(k for k in unused if k.endswith(NOT_FACTORS))
+    if not extra:
+        return None
+    return (f"a BFL control LoRA: {len(extra)} tensor(s) are bias deltas or norm-scale replacements, not LoRA "
+            f"factors (e.g. {extra[0]}); LoRA Ops does not apply those yet, and loading the file without them "
+            "would change the model the LoRA was trained for")
+
+
 def read(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *, family: str | None, file: str | None
 ) -> tuple[LoRA, list[str]]:
-    extra = sorted(k for k in tensors if k.endswith(NOT_FACTORS))
-    if extra:
-        raise LoraFormatError(
-            f"a BFL control LoRA: {len(extra)} tensor(s) are bias deltas or norm-scale replacements, not LoRA "
-            f"factors (e.g. {extra[0]}); LoRA Ops does not apply those yet, and dropping them would change the "
-            "model the LoRA was trained for", file=file, key=extra[0],
-            hint="load this file with ComfyUI's own LoraLoader",
-        )
     modules, unused = group_by_module(tensors, ANY_SUFFIXES, file=file)
     for module in [m for m in modules if not families.candidates(m)]:
         unused.extend(modules.pop(module).values())
