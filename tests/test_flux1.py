@@ -87,6 +87,12 @@ def test_detection_names_flux1_and_unknown_paths_are_errors():
         families.require(["double_blocks.0.img_attn.qkv"], "sdxl")
 
 
+def test_a_file_mixing_two_families_is_refused_naming_one_module_of_each():
+    with pytest.raises(LoraFormatError, match="mixes modules of different model families: double_blocks.0.img_attn"
+                                              r".*FLUX.1.*input_blocks.4.1.proj_in \(SD1.x, SDXL\)"):
+        families.require(["double_blocks.0.img_attn.qkv", "input_blocks.4.1.proj_in"])
+
+
 def test_block_indices_are_not_bounded_and_must_be_canonical():
     assert FLUX.knows("double_blocks.118.img_attn.qkv")  # no hard-coded block count
     assert not FLUX.knows("double_blocks.01.img_attn.qkv")

@@ -82,11 +82,21 @@ def require(paths: Iterable[str], hint: str | None = None, *, file: str | None =
                 hint="check the family you passed (pass family=), or that the LoRA is for this model",
             )
         return hint
-    unknown = [p for p in paths if not candidates(p)]
+    fits = {p: candidates(p) for p in paths}
+    unknown = [p for p, fams in fits.items() if not fams]
     if unknown:
         raise LoraFormatError(
             f"{len(unknown)} module(s) match no known model family: " + ", ".join(unknown[:3]),
             file=file, key=unknown[0], hint=f"known families: {', '.join(IDS)}; force one: pass family=",
+        )
+    common = set(IDS).intersection(*fits.values())
+    if paths and not common:  # e.g. SDXL blocks and FLUX.1 blocks in one file
+        first = paths[0]
+        other = next(p for p in paths if not fits[p] & fits[first])
+        raise LoraFormatError(
+            f"mixes modules of different model families: {first} ({', '.join(label(f) for f in sorted(fits[first]))})"
+            f" and {other} ({', '.join(label(f) for f in sorted(fits[other]))})",
+            file=file, key=other, hint="a LoRA is for one model; split the file, or check how it was made",
         )
     return detect(paths)
 
