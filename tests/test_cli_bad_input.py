@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import import_pack, sample_lora
 
+from lora_ops import families
 from lora_ops import lora as L
 from lora_ops.cli import CLI_WORDING, MAX_STRENGTH, main, parse_weighted
 from lora_ops.errors import LoraFileError, LoraOpsError, LoraValueError, UnsafeFileError
@@ -273,7 +274,7 @@ def test_wording_tables_cover_old_and_new_spellings():
                                                                                              "the layers that match")
     assert "--component" in reword("pick one with component=… / --component", CLI_WORDING)
     for api in ("pass family=", "pass family='sd1' or 'sdxl'"):
-        assert reword(api, CLI_WORDING) == "pass --family (sd1, sdxl, flux1)"
+        assert reword(api, CLI_WORDING) == "pass --family (" + ", ".join(families.IDS) + ")"
     err = LoraValueError("extract takes per-layer rank rules", file="f",
                          hint="use a per-layer rule (fixed, sv_ratio, sv_fro, sv_cumulative), then resize to size_mb")
     assert err.message(CLI_WORDING).endswith("(use --rank, --sv-ratio, --sv-fro or --sv-cumulative, then resize "

@@ -12,10 +12,10 @@ from collections.abc import Iterable
 
 from ..errors import LoraFormatError, LoraValueError
 from ..keymap.kohya_names import register_compound_tokens
-from . import flux1, sd1, sdxl
+from . import flux1, sd1, sdxl, zimage
 from .base import Family, FusedWeight, Part, TextEncoder
 
-REGISTRY: dict[str, Family] = {f.id: f for f in (sd1.FAMILY, sdxl.FAMILY, flux1.FAMILY)}
+REGISTRY: dict[str, Family] = {f.id: f for f in (sd1.FAMILY, sdxl.FAMILY, flux1.FAMILY, zimage.FAMILY)}
 IDS: tuple[str, ...] = tuple(REGISTRY)
 
 for _family in REGISTRY.values():
@@ -89,7 +89,7 @@ def require(paths: Iterable[str], hint: str | None = None, *, file: str | None =
             f"{len(unknown)} module(s) match no known model family: " + ", ".join(unknown[:3]),
             file=file, key=unknown[0], hint=f"known families: {', '.join(IDS)}; force one: pass family=",
         )
-    common = set(IDS).intersection(*fits.values())
+    common = set(REGISTRY).intersection(*fits.values())
     if paths and not common:  # e.g. SDXL blocks and FLUX.1 blocks in one file
         first = paths[0]
         other = next(p for p in paths if not fits[p] & fits[first])

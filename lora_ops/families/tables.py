@@ -86,10 +86,10 @@ def from_tables(
             raise LoraFormatError(f"{label} module has no diffusers name", key=where)
         return name.replace("{i}", found[1]) if found[1] is not None else name
 
-    roots = frozenset(d.split(".", 1)[0] for d in diffusers)
-
     def is_diffusers_path(path: str) -> bool:
-        return path.split(".", 1)[0] in roots
+        """Spelled only the diffusers way (names both spellings share, like Z-Image's ``feed_forward.w1``, count
+        as original: either way they are the same canonical module)."""
+        return template_of(path) is None and any(p.fullmatch(path) for p, _, _ in from_d)
 
     def knows(path: str) -> bool:
         try:

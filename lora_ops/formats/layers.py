@@ -32,6 +32,8 @@ PEFT_SUFFIXES = {
     ".lora_B.weight": "up",
     ".lora.down.weight": "down",  # older diffusers spelling
     ".lora.up.weight": "up",
+    ".lora_A.default.weight": "down",  # PEFT's adapter name left in (Qwen-Image, Z-Image trainers)
+    ".lora_B.default.weight": "up",
     ".alpha": "alpha",
 }
 ANY_SUFFIXES = {**KOHYA_SUFFIXES, **PEFT_SUFFIXES}
