@@ -20,6 +20,12 @@ what `lora_ops.fused.fuse` followed by a whole-weight bake would write, without 
 (so LoHa/LoKr part layers bake too, and the result is still rounded once). The part's rows come from the
 stored tensor's shape and the family's `FusedWeight`, so any width works.
 
+Z-Image single files come in two layouts: ComfyUI's names fuse q, k, v into ``attention.qkv`` (baked as FLUX.1's
+fused weights), the official names store ``to_q``, ``to_k``, ``to_v`` apart (`checkpoint_targets` gives them part
+keys). There a whole-qkv layer (kohya, ComfyUI files) patches each part tensor with that part's rows of its ΔW
+(row-sliced as above, so exact whatever the layer kind, and still rounded once per element), and a part layer
+patches its own tensor only.
+
 Why atomic: a crash or a refusal (NaN/Inf result, full disk) must leave no partial output. Bytes go to a hidden
 temp file (or temp folder, for diffusers folders) beside the target, are fsynced, then ``os.replace``-d into place
 (`lora_ops.atomic`); any failure removes the temp and leaves the target as it was, and the temps a killed run
@@ -178,29 +184,46 @@ def _detect_family(sources: Sequence[_Source], checkpoint: Path) -> str:
 
 
 def _refuse_other_family(items: Sequence[ApplyItem], family: str, checkpoint: Path) -> None:
-    """A LoRA none of whose denoiser modules exists in the checkpoint's family, but which another family knows
-    (a FLUX.1 LoRA on an SDXL checkpoint, or the reverse): one error naming both, before any matching."""
+    """A LoRA for another family (a FLUX.1 LoRA on an SDXL checkpoint, or the reverse): one error naming both,
+    before any matching.
+
+    Refused when none of its denoiser modules exists in the checkpoint's family but another family knows them, or
+    when its family (its own, else what its paths say) differs and it has modules the checkpoint's family lacks but
+    that family has: Z-Image and FLUX.1 share the names ``final_layer.linear`` / ``final_layer.adaLN_modulation.1``,
+    so a Z-Image LoRA is still refused on FLUX.1. Between two SD-style UNets (one LDM name space, SD 1.x and SDXL)
+    only the first rule applies: the modules they share go on to the shape checks, which name the layers.
+    """
     model = families.get(family)
     for n, item in enumerate(items):
         if not _is_item(item):
             continue  # check_items says what is wrong with it
         lora = item[0]
         paths = {fused.parse_key(k)[0].removeprefix("unet.") for k in lora.layers if part_of(k) == "unet"}
-        if not paths or any(model.knows(p) for p in paths):
+        foreign = sorted(p for p in paths if not model.knows(p))
+        if not foreign:
             continue
-        if lora.family is not None and lora.family != family:
-            others = [lora.family]
-        else:
-            others = sorted(set().union(*(families.candidates(p) for p in paths)))
+        own = lora.family if lora.family is not None else families.detect(paths)
+        other = own is not None and own != family
+        telling = other and _not_both_unets(model, own) and any(families.get(own).knows(p) for p in foreign)
+        if not telling and len(foreign) < len(paths):
+            continue  # some modules exist here: the coverage report lists the rest
+        # its own family (or the one its paths say), else every family that knows one of them
+        others = [own] if other else sorted(set().union(*(families.candidates(p) for p in paths)))
         if not others:
             continue  # names no family knows: the coverage report lists them
         theirs = " or ".join(families.label(o) for o in others)
+        missing = (f"none of its {len(paths)} denoiser modules exists" if len(foreign) == len(paths)
+                   else f"{len(foreign)} of its {len(paths)} denoiser modules do not exist (e.g. {foreign[0]})")
         raise LoraValueError(
-            f"LoRA {n + 1} is for {theirs}, the checkpoint is {model.label}: none of its {len(paths)} denoiser "
-            f"modules exists in the {model.label} model; nothing was written",
+            f"LoRA {n + 1} is for {theirs}, the checkpoint is {model.label}: {missing} in the {model.label} model; "
+            "nothing was written",
             file=checkpoint,
             hint=f"bake it into a {theirs} checkpoint, or use a LoRA made for {model.label}",
         )
+
+
+def _not_both_unets(model: families.Family, other: str) -> bool:
+    return model.unet_layout is None or families.get(other).unet_layout is None
 
 
 def _is_item(item: object) -> bool:
@@ -299,6 +322,7 @@ class _Term:
     slot: WeightSlot
     stored: Shape
     rows: tuple[int, int] | None = None  # (start, stop) of a fused weight's part (a ``unet.X[q]`` layer)
+    offset: int = 0  # the layer's ΔW row at the slot's first row (a whole layer on a tensor holding one part)
     _add: Adder | None = None
 
     @property
@@ -317,7 +341,7 @@ class _Term:
                 self._add = lambda acc, i, j, s: acc.add_(dense[i:j], alpha=s)
             else:
                 self._add = _adder(self.layer)
-        self._add(acc, i, j, self.strength)
+        self._add(acc, i + self.offset, j + self.offset, self.strength)
 
     def release(self) -> None:
         """Drop the fp64 factors once the tensor is written."""
@@ -336,23 +360,55 @@ def _groups_text(groups: Mapping[str, tuple[str, ...]]) -> str:
     return shown + more
 
 
-def _targets(sources: Sequence[_Source], family: str) -> dict[str, list[tuple[int, WeightSlot]]]:
-    """Canonical key → every (source index, slot) holding that weight (fp16 and fp32 variants of a folder)."""
-    out: dict[str, list[tuple[int, WeightSlot]]] = {}
+Target = tuple[int, WeightSlot, str | None]
+"""(source index, slot, part): the part of the fused weight the slot's tensor holds alone, None for all of it."""
+
+
+def _targets(sources: Sequence[_Source], family: str) -> dict[str, list[Target]]:
+    """Whole canonical key → every (source index, slot, part) holding that weight (fp16 and fp32 variants of a
+    folder; one tensor per part where a file stores a fused weight's parts apart: Z-Image's ``to_q``, ``to_k``,
+    ``to_v``)."""
+    out: dict[str, list[Target]] = {}
     for idx, source in enumerate(sources):
         for key, slot in checkpoint_targets(source.names, family, component=source.component).items():
-            out.setdefault(key, []).append((idx, slot))
+            module, part = fused.parse_key(key)
+            out.setdefault(module, []).append((idx, slot, part))
     return out
 
 
-def _shapes(sources: Sequence[_Source], targets: Mapping[str, list[tuple[int, WeightSlot]]]) -> dict[str, Shape]:
+def _shapes(sources: Sequence[_Source], targets: Mapping[str, list[Target]], family: str) -> dict[str, Shape]:
+    """Whole canonical key → the weight's shape; a weight stored as part tensors is their stack (all parts needed)."""
     shapes: dict[str, Shape] = {}
     for key, slots in targets.items():
-        found = {slot.shape(tuple(sources[i].info(slot.tensor)["shape"])) for i, slot in slots}
+        found: set[Shape] = set()
+        held = {part: [] for _, _, part in slots if part is not None}
+        for i, slot, part in slots:
+            shape = slot.shape(tuple(sources[i].info(slot.tensor)["shape"]))
+            if part is None:
+                found.add(shape)
+            else:
+                held[part].append(shape)
+        if held:
+            found.add(_stacked_shape(family, key, held))
         if len(found) > 1:
             raise LoraFileError(f"the files disagree on this weight's shape: {sorted(found)}", key=key)
         shapes[key] = found.pop()
     return shapes
+
+
+def _stacked_shape(family: str, key: str, held: Mapping[str, list[Shape]]) -> Shape:
+    """The shape of fused weight ``key`` from the shapes of its part tensors."""
+    spec = families.get(family).fused_weight(key.removeprefix("unet."))
+    missing = sorted({p.name for p in spec.parts} - set(held)) if spec is not None else []
+    if spec is None or missing:  # checkpoint_targets gives part keys for fused weights only
+        raise LoraFileError(f"the checkpoint holds parts {sorted(held)} of this weight but not {missing}", key=key,
+                            hint="the file is incomplete or mixes two models")
+    units = {spec.unit_of_part(p, s[0], key=fused.part_key(key, p)) for p, shapes in held.items() for s in shapes}
+    rest = {s[1:] for shapes in held.values() for s in shapes}
+    if len(units) > 1 or len(rest) > 1:
+        shown = ", ".join(f"{p}: {sorted(set(s))}" for p, s in sorted(held.items()))
+        raise LoraFileError("the part tensors of this weight do not stack into one weight", key=key, hint=shown)
+    return (units.pop() * spec.total, *rest.pop())
 
 
 def _part_rows(family: str | None, key: str, stored: Shape) -> tuple[int, int] | None:
@@ -367,15 +423,27 @@ def _part_rows(family: str | None, key: str, stored: Shape) -> tuple[int, int] |
     return start, start + length
 
 
+def _held_offset(family: str, key: str, held: str, stored: Shape) -> int | None:
+    """The row of layer ``key``'s ΔW at the first row of a tensor holding only part ``held`` of its fused weight:
+    0 for a layer on that part, the part's first row for a whole layer, None for a layer on another part."""
+    module, part = fused.parse_key(key)
+    if part is not None:
+        return 0 if part == held else None
+    spec = families.get(family).fused_weight(module.removeprefix("unet."))
+    return spec.rows(held, spec.unit_of_part(held, stored[0], key=key))[0]
+
+
 def _plan(
     items: Sequence[ApplyItem],
     reports: Sequence[CoverageReport],
     sources: Sequence[_Source],
-    targets: Mapping[str, list[tuple[int, WeightSlot]]],
+    targets: Mapping[str, list[Target]],
+    family: str,
 ) -> tuple[dict[tuple[int, str], list[_Term]], int]:
     """(source index, tensor name) → terms, in LoRA order; and the number of layers baked.
 
-    A part key (``unet.X[q]``) patches its rows of the whole weight ``unet.X``.
+    A part key (``unet.X[q]``) patches its rows of the whole weight ``unet.X``. Where the checkpoint stores the
+    parts of ``unet.X`` as tensors of their own, a whole layer patches each with its rows and a part layer its own.
     """
     plan: dict[tuple[int, str], list[_Term]] = {}
     layers = 0
@@ -393,14 +461,20 @@ def _plan(
                     hint="the LoRA file is broken; re-download or retrain it",
                 )
             layers += 1
-            for idx, slot in targets[fused.parse_key(key)[0]]:
+            for idx, slot, held in targets[fused.parse_key(key)[0]]:
                 info = sources[idx].info(slot.tensor)
+                stored = tuple(info["shape"])
+                if held is None:
+                    term = _Term(key, layer, float(strength), slot, stored, _part_rows(lora.family, key, stored))
+                else:
+                    offset = _held_offset(family, key, held, stored)
+                    if offset is None:
+                        continue
+                    term = _Term(key, layer, float(strength), slot, stored, offset=offset)
                 if info["dtype"] not in _NUMERIC:
                     raise LoraValueError(
                         f"cannot add a LoRA to a {info['dtype']} tensor", file=sources[idx].path, key=slot.tensor
                     )
-                stored = tuple(info["shape"])
-                term = _Term(key, layer, float(strength), slot, stored, _part_rows(lora.family, key, stored))
                 plan.setdefault((idx, slot.tensor), []).append(term)
     return plan, layers
 
@@ -516,14 +590,15 @@ def bake(
     """Write ``checkpoint`` with the LoRAs baked in to ``out``: every weight W becomes W + Σ s·ΔW.
 
     ``checkpoint``: a single-file ``.safetensors`` (original/LDM names, as ComfyUI and A1111 save them; FLUX.1 in
-    BFL names, top level or under ``model.diffusion_model.``) or an SD diffusers folder (``unet/``,
-    ``text_encoder/``, ``text_encoder_2/`` are baked, every other file is copied).
+    BFL names, top level or under ``model.diffusion_model.``; Z-Image in ComfyUI's or the official names) or an SD
+    diffusers folder (``unet/``, ``text_encoder/``, ``text_encoder_2/`` are baked, every other file is copied).
     ``loras``: (LoRA, strength_model, strength_text) triples; text-encoder layers use strength_text.
     ``dtype``: "keep" (each tensor as stored), or "fp16" / "bf16" / "fp32" for every floating tensor.
     ``strict``: every LoRA layer must find its weight, else `LoraValueError` listing the unmatched keys by group;
-    False bakes what matches (the report lists the rest). ``family``: "sd1" / "sdxl" / "flux1", detected when
-    None. Layers on part of a fused weight (``unet.X[q]``, as diffusers-format FLUX.1 files hold them) patch that
-    part's rows of the fused tensor.
+    False bakes what matches (the report lists the rest). ``family``: a family id ("sd1", "sdxl", "flux1",
+    "zimage" …), detected when None. Layers on part of a fused weight (``unet.X[q]``, as diffusers-format FLUX.1
+    files hold them) patch that part's rows of the fused tensor; on a file that stores the parts apart (official
+    Z-Image names), whole layers patch each part's tensor with its rows.
     ``metadata``: str→str entries added to the input's safetensors metadata.
 
     Refuses, with nothing written: ``out`` being the input (any spelling) or existing without ``overwrite``, DoRA
@@ -549,9 +624,9 @@ def bake(
     sources, stale = _folder_sources(src) if src.is_dir() else ([_open_source(src, src.name, None)], set())
     fam = family or _detect_family(sources, src)
     targets = _targets(sources, fam)
+    _refuse_other_family(loras, fam, src)  # before a LoRA without a family takes the checkpoint's
     loras = [(_with_family(it[0], fam), *it[1:]) if _is_item(it) else it for it in loras]
-    _refuse_other_family(loras, fam, src)
-    reports = check_items(loras, _shapes(sources, targets), family=fam, min_fraction=0.0)
+    reports = check_items(loras, _shapes(sources, targets, fam), family=fam, min_fraction=0.0)
     coverage = combine_reports(reports)
     if coverage.unmatched and strict:
         raise LoraValueError(
@@ -566,7 +641,7 @@ def bake(
             file=src,
             hint="check that the LoRA is for this model family",
         )
-    plan, layers = _plan(loras, reports, sources, targets)
+    plan, layers = _plan(loras, reports, sources, targets, fam)
     by_source: list[dict[str, list[_Term]]] = [{} for _ in sources]
     for (idx, name), terms in plan.items():
         by_source[idx][name] = terms

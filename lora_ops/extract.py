@@ -4,7 +4,9 @@ Inputs are single-file checkpoints (LDM names for SD; BFL names for FLUX.1, top 
 ``model.diffusion_model.``), SD diffusers folders, in-memory state dicts in checkpoint naming, or canonical key →
 weight mappings (what the hosts give). The family comes from the tensor names; when they do not tell, it must be
 given (``family=``): there is no default family. FLUX.1's fused weights (``img_attn.qkv``, ``linear1``) are
-extracted whole, as kohya and ComfyUI files hold them.
+extracted whole, as kohya and ComfyUI files hold them; so are Z-Image's ``attention.qkv``, from ComfyUI-named
+files (one tensor) or officially named ones (``to_q``, ``to_k``, ``to_v`` read stacked), so base and tuned may
+be in different layouts.
 Weights are read one layer at a time (`safetensors.safe_open`), so the peak memory is a few layers, not two
 models. ΔW of a fine-tune is full-rank, so each layer needs a dense SVD — that is the cost of extraction. Unlike
 ComfyUI's extractor we do not clamp factor values to a quantile: the result is the exact Eckart–Young truncation,
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import families
+from . import families, fused
 from .errors import LoraFileError, LoraValueError
 from .io import read_safetensors_header
 from .keymap import checkpoint_family, checkpoint_targets
@@ -73,7 +75,29 @@ def open_weights(source: Source, family: str | None = None) -> Iterator[tuple[di
         for component, handle, keys in resolved:
             for key, slot in checkpoint_targets(keys, fam, component=component).items():
                 getters[key] = _getter(handle, slot)
-        yield getters, fam
+        yield _stacked(getters, fam), fam
+
+
+def _stacked(getters: dict[str, Getter], family: str | None) -> dict[str, Getter]:
+    """Part keys (a file storing a fused weight's parts apart) → one getter of the whole weight, its parts stacked
+    in the family's order; a fused weight with parts missing keeps its part keys (their layers are still right)."""
+    groups: dict[str, dict[str, Getter]] = {}
+    for key, get in getters.items():
+        module, part = fused.parse_key(key)
+        if part is not None:
+            groups.setdefault(module, {})[part] = get
+    if not groups or family is None:
+        return getters
+    out = dict(getters)
+    for module, parts in groups.items():
+        spec = families.get(family).fused_weight(module.removeprefix("unet."))
+        if spec is None or {p.name for p in spec.parts} != set(parts) or module in out:
+            continue
+        order = [parts[p.name] for p in spec.parts]
+        for p in spec.parts:
+            del out[fused.part_key(module, p.name)]
+        out[module] = lambda order=order: torch.cat([get() for get in order])
+    return out
 
 
 def _family_of(keys: list[str], source: Source) -> str:

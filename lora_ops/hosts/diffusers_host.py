@@ -1,4 +1,4 @@
-"""A diffusers pipeline (SD 1.x / SDXL UNet, FLUX.1 transformer) as a LoRA host: apply with hooks, merge reversibly.
+"""A diffusers pipeline (SD UNet, FLUX.1 / Z-Image transformer) as a LoRA host: apply with hooks, merge reversibly.
 
 Applying adds ``s·up(down(x))`` to the output of each targeted Linear/Conv2d through a forward hook, from the
 factors (never the d×k ΔW of a classic LoRA layer); the weights are not touched, and removing the hooks restores
@@ -9,10 +9,11 @@ the module tree (and therefore every canonical key and state-dict name) unchange
 The denoiser's family comes from its module names (`lora_ops.families.detect`). Its modules are keyed by
 `lora_ops.keymap.model_keys.denoiser_canonical_keys`: a module holding part of a fused original weight (FLUX.1's
 ``to_q`` = rows of ``double_blocks.N.img_attn.qkv``) has a part key, and `targets` lists the whole weights (a fused
-one with the rows of all its parts). Each LoRA is first brought into the model's layout
-(`lora_ops.formats.diffusers.diffusers_layers`: layers on fused weights split into their parts, exactly, and the
-final modulation's output halves swapped), so every layer lands on one module. A layer that cannot be split or
-swapped as factors (a LyCORIS LoHa/LoKr on a fused weight) is applied as the rows of its ΔW instead.
+one with the rows of all its parts; Z-Image's ``to_q``/``to_k``/``to_v`` are the parts of ``layers.N.attention.qkv``,
+and the names its two spellings share, ``feed_forward.w1`` …, are whole keys). Each LoRA is first brought into the
+model's layout (`lora_ops.formats.diffusers.diffusers_layers`: layers on fused weights split into their parts,
+exactly, and the final modulation's output halves swapped), so every layer lands on one module. A layer that cannot
+be split or swapped as factors (a LyCORIS LoHa/LoKr on a fused weight) is applied as the rows of its ΔW instead.
 
 A LoRA whose denoiser layers are for another family (a FLUX.1 LoRA on an SD UNet, or the reverse) is refused,
 naming both. DoRA layers are refused: their output depends on the norm of the patched weight, which the hooks do
@@ -155,8 +156,9 @@ def _is_item(item: object) -> bool:
 
 
 class DiffusersHost:
-    """A diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``FluxPipeline`` …) or a
-    bare denoiser (``UNet2DConditionModel``, ``FluxTransformer2DModel``) behind `LoraHost`.
+    """A diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``FluxPipeline``,
+    ``ZImagePipeline`` …) or a bare denoiser (``UNet2DConditionModel``, ``FluxTransformer2DModel``,
+    ``ZImageTransformer2DModel``) behind `LoraHost`.
 
     ``family`` None detects it from the denoiser's module names; a given family is checked against them.
     """

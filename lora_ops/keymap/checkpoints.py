@@ -34,6 +34,15 @@ top level (``flux1-dev.safetensors``: ``double_blocks.0.img_attn.qkv.weight``) o
 declares (all Linear layers: norm scales, biases and text encoders are not targets). A fused weight
 (``img_attn.qkv``, ``linear1``) is one whole target; a LoRA layer on one of its parts (``unet.X[q]``) gets its rows
 through the family's `FusedWeight` (`lora_ops.coverage.target_shape`, `lora_ops.bake`).
+
+A DiT family whose diffusers names are renames and row splits of the original weights (Z-Image: no swapped halves)
+is also read from single files in diffusers names, as its official release stores it
+(``layers.0.attention.to_q.weight``; either prefix). A tensor holding PART of a fused original weight gets that
+part's key (``unet.layers.0.attention.qkv[q]``): the whole weight is then the stack of its part tensors, and a
+LoRA layer on it patches each of them with its rows (`lora_ops.bake`; `lora_ops.extract` reads them stacked).
+Names both spellings share (Z-Image ``feed_forward.w1``) are one key; a file holding one weight in both spellings
+(``qkv`` and ``to_q``) is refused, as two copies. FLUX.1 is read in BFL names only (its diffusers files store the
+final modulation's halves swapped).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import torch
 from .. import families
 from ..errors import LoraFormatError, LoraValueError
 from ..families.unet_layout import unet_layout
+from ..fused import parse_key, part_key
 from .sd_unet import unet_diffusers_to_ldm
 from .text_encoders import te_to_canonical_path
 
@@ -189,7 +199,14 @@ def _single_file(keys: Iterable[str], family: str) -> dict[str, WeightSlot]:
 
 
 def _dit_single_file(keys: Iterable[str], family: families.Family) -> dict[str, WeightSlot]:
-    """``unet.<original path>`` → slot for every Linear weight of a DiT family's single file (either prefix)."""
+    """``unet.<original path>`` → slot for every Linear weight of a DiT family's single file (either prefix).
+
+    Families without swapped halves are read in diffusers names too: a tensor holding part of a fused weight gets
+    the part key ``unet.<original path>[<part>]``.
+    """
+    diffusers_names = not family.swap_halves
+    twice = (f"the file holds the {family.label} transformer twice (top level and under '{UNET_PREFIX}', or in both "
+             "its original and diffusers names); remove one copy")
     out: dict[str, WeightSlot] = {}
     for key in keys:
         if not key.endswith(".weight"):
@@ -199,12 +216,15 @@ def _dit_single_file(keys: Iterable[str], family: families.Family) -> dict[str, 
         if module is None:
             continue
         try:
-            family.original_path(module)
+            path, part = family.denoiser_path(module) if diffusers_names else (family.original_path(module), None)
         except LoraFormatError:
-            continue  # norm scales, text encoders, VAE, diffusers spellings: no LoRA target
-        _add(out, f"unet.{module}", WeightSlot(key),
-             hint=f"the file holds the {family.label} transformer twice (top level and under '{UNET_PREFIX}'); "
-                  "remove one copy")
+            continue  # norm scales, text encoders, VAE, (FLUX.1) diffusers spellings: no LoRA target
+        _add(out, part_key(f"unet.{path}", part), WeightSlot(key), hint=twice)
+    for key, slot in out.items():
+        module, part = parse_key(key)
+        if part is not None and module in out:
+            raise LoraFormatError(f"two tensors hold the same weight: '{out[module].tensor}' and '{slot.tensor}' "
+                                  f"(its part '{part}')", key=module, hint=twice)
     return out
 
 
@@ -236,7 +256,8 @@ def checkpoint_targets(keys: Iterable[str], family: str, *, component: str | Non
     ``"text_encoder_2"``: one file of that diffusers-folder component (SD families only). Tensors with no
     canonical name (VAE, biases, norm scales, buffers, EMA copies) are left out; a key that two tensors claim
     raises `LoraFormatError`. FLUX.1 single files map their BFL-named Linear weights, top level or under
-    ``model.diffusion_model.``; their text encoders are not mapped.
+    ``model.diffusion_model.``; their text encoders are not mapped. Z-Image single files map either naming
+    (ComfyUI's fused ``attention.qkv`` or the official split ``attention.to_q``: part keys ``unet.X[q]``).
     """
     dit = families.REGISTRY.get(family)
     if dit is not None and dit.unet_layout is None:
@@ -263,8 +284,9 @@ def checkpoint_family(keys: Iterable[str]) -> str | None:
     SDXL is the only family with ``conditioner.embedders`` (its two text encoders) and with the text-time
     embedding (``label_emb`` / ``add_embedding``); SD 1.x/2.x single files have ``cond_stage_model``. Otherwise the
     module paths (``model.diffusion_model.`` and the parameter name dropped) go to `lora_ops.families.detect`:
-    the block layout tells SD 1.x from SDXL, and BFL names (``double_blocks.0.img_attn.qkv``, top level or
-    prefixed) say FLUX.1. None when nothing tells: never a default family.
+    the block layout tells SD 1.x from SDXL, BFL names (``double_blocks.0.img_attn.qkv``, top level or
+    prefixed) say FLUX.1, and Z-Image's names (``layers.0.attention.qkv`` or ``…to_q``, ``cap_embedder.1``) say
+    Z-Image. None when nothing tells: never a default family.
     """
     keys = list(keys)
     if any(k.startswith("conditioner.embedders.") for k in keys):
