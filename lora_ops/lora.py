@@ -1,9 +1,11 @@
 """The LoRA value: named low-rank layers plus file metadata.
 
 Every LoRA Ops operation takes `LoRA` values and returns new ones; nothing mutates its input. Layers are keyed by
-canonical module names (see `lora_ops.keymap`): ``unet.<original/LDM module path>`` for the denoiser and
-``te1.`` / ``te2.`` + the transformers module path (``text_model.encoder.layers.N.self_attn.q_proj``) for text
-encoders. The ΔW of a layer is added to the weight ``<module>.weight``.
+canonical module names (see `lora_ops.families`): ``unet.<original module path>`` for the denoiser (LDM paths for
+SD UNets, BFL names for FLUX.1, ComfyUI's names for Z-Image) and ``te1.`` / ``te2.`` / ``te3.`` + the transformers
+module path (``text_model.encoder.layers.N.self_attn.q_proj``, ``encoder.block.N.layer.0.SelfAttention.q``) for
+text encoders. The ΔW of a layer is added to the weight ``<module>.weight``, or, for a key
+``unet.<module>[<part>]``, to that part's rows of a fused weight (`lora_ops.fused`).
 
 Naming follows PEFT: A = ``down`` (r×k, conv r×in×kh×kw), B = ``up`` (d×r, conv out×r×1×1).
 ΔW = (alpha / r) · B · A, computed in fp32.
@@ -336,7 +338,8 @@ Layer = LoRALayer | LycorisLayer
 class LoRA:
     """A LoRA adapter: canonical module name → layer, plus str→str file metadata.
 
-    ``family`` is the model family the keys were written for ("sd1", "sdxl", or None when unknown);
+    ``family`` is the model family the keys were written for (a `lora_ops.families` id, or None when the keys
+    fit several families equally);
     ``source_format`` records which reader produced it (informational only).
     """
 
