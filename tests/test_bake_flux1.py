@@ -136,7 +136,8 @@ def test_checkpoint_family_and_targets(bfl, prefix):
 
 def test_flux1_detection_needs_evidence_and_refuses_doubles(bfl):
     assert checkpoint_family(["double_blocks.0.img_attn.norm.query_norm.scale"]) is None  # no Linear: no evidence
-    assert checkpoint_family(["txt_in.weight"]) == "flux1"
+    assert checkpoint_family(["single_blocks.0.linear1.weight"]) == "flux1"
+    assert checkpoint_family(["txt_in.weight"]) is None  # Qwen-Image has a txt_in too
     both = [*bfl, *(PREFIX + k for k in bfl)]
     with pytest.raises(LoraFormatError, match="two tensors hold the same weight"):
         checkpoint_targets(both, "flux1")

@@ -256,7 +256,13 @@ def test_final_layer_halves_are_swapped_between_bfl_and_diffusers():
     up = tensors["transformer.norm_out.linear.lora_B.weight"]
     bfl_up = lora["unet.final_layer.adaLN_modulation.1"].up
     assert torch.equal(up, torch.cat([bfl_up[H:], bfl_up[:H]]))
-    assert_same_deltas(read_lora(tensors, meta)[0], lora, tol=0)
+    assert_same_deltas(read_lora(tensors, meta, family="flux1")[0], lora, tol=0)
+    # norm_out.linear alone is also a Qwen-Image module name: the file must say which model it is for
+    with pytest.raises(LoraFormatError, match="names different modules in FLUX.1, Qwen-Image"):
+        read_lora(tensors, meta)
+    tagged, _ = read_lora(tensors, {**meta, "ss_base_model_version": "flux1"})
+    assert tagged.family == "flux1"
+    assert_same_deltas(tagged, lora, tol=0)
 
 
 def test_xlabs_files_read_as_their_kohya_equivalent():

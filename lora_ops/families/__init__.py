@@ -8,14 +8,16 @@ family knows these paths" into an error naming them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ..errors import LoraFormatError, LoraValueError
 from ..keymap.kohya_names import register_compound_tokens
-from . import flux1, sd1, sdxl, zimage
+from . import flux1, qwen_image, sd1, sdxl, zimage
 from .base import Family, FusedWeight, Part, TextEncoder
 
-REGISTRY: dict[str, Family] = {f.id: f for f in (sd1.FAMILY, sdxl.FAMILY, flux1.FAMILY, zimage.FAMILY)}
+REGISTRY: dict[str, Family] = {
+    f.id: f for f in (sd1.FAMILY, sdxl.FAMILY, flux1.FAMILY, zimage.FAMILY, qwen_image.FAMILY)
+}
 IDS: tuple[str, ...] = tuple(REGISTRY)
 
 for _family in REGISTRY.values():
@@ -62,6 +64,27 @@ def detect(paths: Iterable[str]) -> str | None:
     return found.pop() if evidence and len(found) == 1 else None
 
 
+def from_metadata(metadata: Mapping[str, str], among: Iterable[str] | None = None) -> str | None:
+    """The family a file's own metadata names (kohya's ``ss_base_model_version``, the model spec's
+    ``modelspec.architecture``), restricted to ``among``; None when it names none, or several."""
+    version = metadata.get("ss_base_model_version", "")
+    arch = metadata.get("modelspec.architecture", "")
+    named = {f.id for f in REGISTRY.values()
+             if (f.ss_base_model_version and version == f.ss_base_model_version)
+             or (f.modelspec_architecture and arch == f.modelspec_architecture)}
+    if among is not None:
+        named &= set(among)
+    return named.pop() if len(named) == 1 else None
+
+
+def fitting(paths: Iterable[str]) -> set[str]:
+    """The families whose denoiser has every one of ``paths``."""
+    found = set(REGISTRY)
+    for path in paths:
+        found &= candidates(path)
+    return found
+
+
 def require(paths: Iterable[str], hint: str | None = None, *, file: str | None = None) -> str | None:
     """The family of a LoRA's denoiser paths: ``hint`` when given (and checked), else `detect`.
 
@@ -101,5 +124,5 @@ def require(paths: Iterable[str], hint: str | None = None, *, file: str | None =
     return detect(paths)
 
 
-__all__ = ["IDS", "REGISTRY", "Family", "FusedWeight", "Part", "TextEncoder", "candidates", "detect", "get",
-           "label", "require"]
+__all__ = ["IDS", "REGISTRY", "Family", "FusedWeight", "Part", "TextEncoder", "candidates", "detect", "fitting",
+           "from_metadata", "get", "label", "require"]

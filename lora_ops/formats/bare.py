@@ -44,7 +44,7 @@ def read(
     modules, unused = group_by_module(tensors, ANY_SUFFIXES, file=file)
     for module in [m for m in modules if not families.candidates(m)]:
         unused.extend(modules.pop(module).values())
-    fam = names.guess_family(list(modules), (), family, file=file)
+    fam = names.guess_family(list(modules), (), family, file=file, metadata=metadata)
     table = LayerTable(tensors, file=file)
     for module, roles in modules.items():
         names.add_denoiser_layer(table, module, fam, module, roles)

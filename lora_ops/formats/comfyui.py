@@ -49,7 +49,7 @@ def read(
             continue
         located[module] = (prefixes[prefix], module[len(prefix) :])
     fam = names.guess_family([p for part, p in located.values() if part == "unet"],
-                             (part for part, _ in located.values()), family, file=file)
+                             (part for part, _ in located.values()), family, file=file, metadata=metadata)
     table = LayerTable(tensors, file=file)
     for module, roles in modules.items():
         part, path = located[module]

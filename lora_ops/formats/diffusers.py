@@ -148,7 +148,7 @@ def read(
         located[module] = (component, path.removeprefix("processor."))
     fam = names.guess_family(
         [p for c, p in located.values() if COMPONENTS[c] == "unet"],
-        (COMPONENTS[c] for c, _ in located.values()), family, file=file,
+        (COMPONENTS[c] for c, _ in located.values()), family, file=file, metadata=metadata,
     )
     table = LayerTable(tensors, file=file)
     for module, roles in modules.items():
@@ -249,7 +249,8 @@ def read_peft(
     if component not in COMPONENTS:
         raise LoraFormatError(f"unknown component '{component}' in metadata 'lora_ops.component'", file=file)
     denoiser = COMPONENTS[component] == "unet"
-    fam = names.guess_family(list(modules) if denoiser else [], [COMPONENTS[component]], family, file=file)
+    fam = names.guess_family(list(modules) if denoiser else [], [COMPONENTS[component]], family, file=file,
+                             metadata=metadata)
     table = LayerTable(tensors, file=file)
     for module, roles in modules.items():
         _add_layer(table, component, module, fam, module, roles, alphas.layer_alpha(module, roles, tensors))

@@ -82,7 +82,7 @@ def read(
             raise LoraFormatError(err.reason, file=file, key=module, hint=err.hint) from None
     unet_paths = [p for prefix, p in located.values() if prefix in DENOISER_PREFIXES]
     te_parts = {DEFAULT_TE_PARTS[prefix] for prefix, _ in located.values() if prefix in TE_PREFIXES}
-    fam = names.guess_family(unet_paths, te_parts, family, file=file)
+    fam = names.guess_family(unet_paths, te_parts, family, file=file, metadata=metadata)
     table = LayerTable(tensors, file=file)
     for module, roles in modules.items():
         prefix, path = located[module]

@@ -137,12 +137,18 @@ def split_canonical(key: str) -> tuple[str, str]:
 
 
 def guess_family(unet_paths: Iterable[str], parts: Iterable[str], hint: str | None = None, *,
-                 file: str | None = None) -> str | None:
-    """The family of a LoRA: its denoiser paths decide (`families.require`: unknown paths are an error), else
-    its text encoders (a CLIP-G ``te2`` says SDXL); ``hint`` wins and is checked."""
+                 file: str | None = None, metadata: Mapping[str, str] | None = None) -> str | None:
+    """The family of a LoRA: its denoiser paths decide (`families.require`: unknown paths are an error); when
+    they fit several families, the file's metadata may name one of those (`families.from_metadata`), else its text
+    encoders (a CLIP-G ``te2`` says SDXL); ``hint`` wins and is checked."""
+    unet_paths = list(unet_paths)
     fam = families.require(unet_paths, hint, file=file)
     if fam is not None:
         return fam
+    if unet_paths and metadata:
+        fam = families.from_metadata(metadata, among=families.fitting(p.removeprefix("unet.") for p in unet_paths))
+        if fam is not None:
+            return fam
     parts = {p for p in parts if p.startswith("te")}
     owners = [f.id for f in families.REGISTRY.values() if parts and parts <= {te.part for te in f.text_encoders}]
     unet = set(unet_paths)
