@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from . import families, fused
+from .coverage import with_article
 from .errors import LoraFileError, LoraValueError
 from .io import read_safetensors_header
 from .keymap import checkpoint_family, checkpoint_targets
@@ -47,11 +48,15 @@ DIFFUSERS_FILES = {
 
 
 @contextmanager
-def open_weights(source: Source, family: str | None = None) -> Iterator[tuple[dict[str, Getter], str | None]]:
-    """canonical key → a function reading that (2-D or 4-D) weight, and the family; files stay open meanwhile."""
+def open_weights(
+    source: Source, family: str | None = None, fallback: str | None = None
+) -> Iterator[tuple[dict[str, Getter], str | None]]:
+    """canonical key → a function reading that (2-D or 4-D) weight, and the family; files stay open meanwhile.
+
+    Without ``family`` the names tell it; ``fallback`` is the family to take when they do not."""
     if isinstance(source, Mapping) and source and all(k.split(".", 1)[0] in CANONICAL_PARTS for k in source):
         # already canonical (host weights): their module names tell the family when it is not given
-        fam = family or families.detect(k.removeprefix("unet.") for k in source if k.startswith("unet."))
+        fam = family or families.detect(k.removeprefix("unet.") for k in source if k.startswith("unet.")) or fallback
         yield {k: (lambda t=t: t) for k, t in source.items()}, fam
         return
     with ExitStack() as stack:
@@ -70,7 +75,7 @@ def open_weights(source: Source, family: str | None = None) -> Iterator[tuple[di
             else:
                 files.append((None, _open(stack, path), None))
         resolved = [(c, h, list(h.keys()) if keys is None else keys) for c, h, keys in files]
-        fam = family or _family_of([k for _, _, keys in resolved for k in keys], source)
+        fam = family or _family_of([k for _, _, keys in resolved for k in keys], source, fallback)
         getters: dict[str, Getter] = {}
         for component, handle, keys in resolved:
             for key, slot in checkpoint_targets(keys, fam, component=component).items():
@@ -100,8 +105,8 @@ def _stacked(getters: dict[str, Getter], family: str | None) -> dict[str, Getter
     return out
 
 
-def _family_of(keys: list[str], source: Source) -> str:
-    fam = checkpoint_family(keys)
+def _family_of(keys: list[str], source: Source, fallback: str | None = None) -> str:
+    fam = checkpoint_family(keys) or fallback
     if fam is None:
         shown = ", ".join(keys[:4]) + (f" … ({len(keys)} tensors)" if len(keys) > 4 else "") if keys else "none"
         raise LoraValueError(
@@ -146,7 +151,10 @@ def extract(
         raise LoraValueError("extract takes per-layer rank rules",
                              hint="use a per-layer rule (fixed, sv_ratio, sv_fro, sv_cumulative), then resize to "
                                   "size_mb")
-    with open_weights(base, family) as (base_w, fam), open_weights(tuned, fam) as (tuned_w, _):
+    with open_weights(base, family) as (base_w, fam), open_weights(tuned, family, fam) as (tuned_w, tuned_fam):
+        if fam is not None and tuned_fam is not None and tuned_fam != fam:
+            raise LoraValueError(f"the base is {with_article(families.label(fam))} checkpoint, the tuned one "
+                                 f"{families.label(tuned_fam)}", hint="extract needs two checkpoints of one family")
         keys = [k for k in base_w if k in tuned_w and k.split(".", 1)[0] in parts]
         missing = sorted(k for k in base_w if k not in tuned_w and k.split(".", 1)[0] in parts)
         if missing:

@@ -253,6 +253,7 @@ def test_onetrainer_t5_prefix_lora_te2_reads_as_t5_in_a_flux_file():
 def test_final_layer_halves_are_swapped_between_bfl_and_diffusers():
     lora = flux_lora(modules={"final_layer.adaLN_modulation.1"}, te=False)
     tensors, meta = write_lora(lora, "diffusers")
+    assert meta.pop("modelspec.architecture") == "flux-1-dev/lora"  # its names alone do not tell: ours say it
     up = tensors["transformer.norm_out.linear.lora_B.weight"]
     bfl_up = lora["unet.final_layer.adaLN_modulation.1"].up
     assert torch.equal(up, torch.cat([bfl_up[H:], bfl_up[:H]]))

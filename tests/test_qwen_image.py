@@ -89,6 +89,7 @@ def test_four_writers_convert_exactly(tmp_path):
 def test_attention_only_lora_is_ambiguous_with_flux_until_something_says_which():
     attention = {p for p in qwen_shapes() if ".attn." in p}
     tensors, meta = write_lora(qwen_lora(modules=attention), "diffusers")
+    assert meta.pop("modelspec.architecture") == "qwen-image/lora"  # ours say it; a third-party file may not
     with pytest.raises(LoraFormatError, match="names different modules in FLUX.1, Qwen-Image.*pass family="):
         read_lora(tensors, meta, file="attn.safetensors")
     forced, _ = read_lora(tensors, meta, family="qwen_image")
@@ -96,6 +97,10 @@ def test_attention_only_lora_is_ambiguous_with_flux_until_something_says_which()
     as_flux, _ = read_lora(tensors, {**meta, "modelspec.architecture": "flux-1-dev/lora"})
     assert forced.family == tagged.family == "qwen_image" and as_flux.family == "flux1"
     assert "unet.double_blocks.0.img_attn.qkv[q]" in as_flux.layers  # the same file read as FLUX.1 names
+    written, written_meta = write_lora(forced, "kohya")  # what we write says which model it is for
+    assert written_meta["modelspec.architecture"] == "qwen-image/lora"
+    assert read_lora(written, written_meta)[0].family == "qwen_image"
+    assert "modelspec.architecture" not in write_lora(qwen_lora(), "kohya")[1]  # names that tell need no tag
 
 
 def test_a_flux_lora_is_not_read_as_qwen_image():

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import families
 from ..errors import LoraFormatError
+from ..fused import parse_key
 from ..lora import LoRA
 from . import bare, comfyui, diffusers, kohya, xlabs
 
@@ -104,4 +106,17 @@ def write_lora(lora: LoRA, fmt: str, **options: object) -> tuple[dict[str, torch
     if spec is None or spec.write is None:
         raise LoraFormatError(f"cannot write format '{fmt}'", hint=f"writable formats: {', '.join(WRITABLE)}")
     tensors, metadata = spec.write(lora, **options)
-    return dict(sorted(tensors.items())), dict(sorted(metadata.items()))
+    return dict(sorted(tensors.items())), dict(sorted(_say_family(lora, metadata).items()))
+
+
+def _say_family(lora: LoRA, metadata: dict[str, str]) -> dict[str, str]:
+    """The metadata, plus ``modelspec.architecture`` when the LoRA's family is known but its module names alone
+    would not tell it on reading (a Qwen-Image LoRA of attention layers only is also FLUX.1-named): the file then
+    reads back as what it is. Files whose names tell, or that already name a model, are left as they are."""
+    if lora.family is None or "modelspec.architecture" in metadata or "ss_base_model_version" in metadata:
+        return metadata
+    fam = families.get(lora.family)
+    paths = [parse_key(k)[0].removeprefix("unet.") for k in lora.layers if k.startswith("unet.")]
+    if not paths or not fam.modelspec_architecture or families.detect(paths) == lora.family:
+        return metadata
+    return {**metadata, "modelspec.architecture": fam.modelspec_architecture}
