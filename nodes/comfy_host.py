@@ -50,7 +50,7 @@ LORA_KEYS = "lora_ops:"  # our names in the ComfyUI LoRA state dict handed to co
 TE_ROOTS = {"clip": ("text_model.", "text_projection"), "t5": ("encoder.",)}
 # ComfyUI model-config class → our family, for models whose weight names do not tell (labels otherwise).
 CONFIG_FAMILIES = {"SD15": "sd1", "SD20": "sd1", "SDXL": "sdxl", "Flux": "flux1", "FluxSchnell": "flux1",
-                   "FluxInpaint": "flux1", "ZImage": "zimage"}
+                   "FluxInpaint": "flux1", "ZImage": "zimage", "QwenImage": "qwen_image"}
 
 
 def is_model_patcher(obj: object) -> bool:
