@@ -12,11 +12,11 @@ from collections.abc import Iterable, Mapping
 
 from ..errors import LoraFormatError, LoraValueError
 from ..keymap.kohya_names import register_compound_tokens
-from . import flux1, qwen_image, sd1, sdxl, zimage
+from . import flux1, qwen_image, sd1, sdxl, wan, zimage
 from .base import Family, FusedWeight, Part, TextEncoder
 
 REGISTRY: dict[str, Family] = {
-    f.id: f for f in (sd1.FAMILY, sdxl.FAMILY, flux1.FAMILY, zimage.FAMILY, qwen_image.FAMILY)
+    f.id: f for f in (sd1.FAMILY, sdxl.FAMILY, flux1.FAMILY, zimage.FAMILY, qwen_image.FAMILY, wan.FAMILY)
 }
 IDS: tuple[str, ...] = tuple(REGISTRY)
 

@@ -18,6 +18,7 @@ from ..errors import LoraFormatError
 from ..fused import parse_key
 from ..lora import LoRA
 from . import bare, comfyui, diffusers, kohya, xlabs
+from .layers import why_unused
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,9 @@ FORMATS: dict[str, Format] = {
         Format("xlabs", "XLabs FLUX.1: <block>.processor.qkv_lora1.down.weight, read-only", xlabs.detect, xlabs.read,
                None),
         Format("kohya", "kohya sd-scripts: lora_unet_/lora_te_ + lora_down/lora_up/alpha (also OneTrainer's "
-               "lora_transformer_, SimpleTuner's lycoris_)", kohya.detect, kohya.read, kohya.write),
+               "lora_transformer_, SimpleTuner's lycoris_)", kohya.detect, kohya.read, kohya.write, why_unused),
         Format("comfyui", "ComfyUI: diffusion_model./text_encoders. + lora_up/lora_down", comfyui.detect,
-               comfyui.read, comfyui.write),
+               comfyui.read, comfyui.write, why_unused),
         Format("diffusers", "diffusers: unet./transformer./text_encoder./text_encoder_2. + lora_A/lora_B",
                diffusers.detect, diffusers.read, diffusers.write),
         Format("bare", "bare model names (DiffSynth, BFL control LoRAs), read-only", bare.detect, bare.read, None,

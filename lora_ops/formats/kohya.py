@@ -77,7 +77,8 @@ def read(
             unused.extend(modules.pop(module).values())
             continue
         try:
-            located[module] = (prefix, keymap.kohya_to_dotted(module[len(prefix) :]))
+            # Wan-Fun writes lora_unet__blocks_0_… (ComfyUI's convert_lora_wan_fun drops the extra "_" too)
+            located[module] = (prefix, keymap.kohya_to_dotted(module[len(prefix) :].lstrip("_")))
         except LoraFormatError as err:
             raise LoraFormatError(err.reason, file=file, key=module, hint=err.hint) from None
     unet_paths = [p for prefix, p in located.values() if prefix in DENOISER_PREFIXES]

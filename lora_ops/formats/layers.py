@@ -39,6 +39,19 @@ PEFT_SUFFIXES = {
 ANY_SUFFIXES = {**KOHYA_SUFFIXES, **PEFT_SUFFIXES}
 
 
+FULL_DELTAS = (".diff", ".diff_b")  # ComfyUI's full-weight and bias deltas (distillation LoRAs, e.g. Wan lightx2v)
+
+
+def why_unused(unused: list[str]) -> str | None:
+    """The reason to give when a strict read leaves full-weight deltas over (shared by the kohya-style readers)."""
+    extra = sorted(k for k in unused if k.endswith(FULL_DELTAS))
+    if not extra:
+        return None
+    return (f"{len(extra)} tensor(s) are full-weight or bias deltas (.diff / .diff_b, as distillation LoRAs ship "
+            f"them; e.g. {extra[0]}), not LoRA factors; LoRA Ops does not apply those yet, and loading the file "
+            "without them would change what it does")
+
+
 def split_key(key: str, suffixes: Mapping[str, str]) -> tuple[str, str] | None:
     """``"a.b.lora_up.weight"`` → ``("a.b", "up")``; None when no known suffix matches."""
     for suffix in sorted(suffixes, key=len, reverse=True):
