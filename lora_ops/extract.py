@@ -159,6 +159,9 @@ def extract(
         missing = sorted(k for k in base_w if k not in tuned_w and k.split(".", 1)[0] in parts)
         if missing:
             log.warning("%d weights of the base are not in the tuned model (e.g. %s)", len(missing), missing[0])
+        if base_w and not any(k in tuned_w for k in base_w):
+            raise LoraValueError("the two checkpoints have no weight in common",
+                                 hint="they are different architectures (or families)")
         layers: dict[str, LoRALayer] = {}
         reports = []
         for key in track(keys, "extract", progress):
