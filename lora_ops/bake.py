@@ -52,7 +52,7 @@ from tqdm import tqdm
 from . import atomic, families, fused, io, streaming
 from .coverage import CoverageReport, combine_reports
 from .errors import LoraFileError, LoraOpsError, LoraValueError
-from .hosts.base import ApplyItem, check_items, strength_for
+from .hosts.base import ApplyItem, check_items, is_item, strength_for
 from .keymap.checkpoints import COMPONENTS, WeightSlot, checkpoint_family, checkpoint_targets
 from .lora import Layer, LoRA, LoRALayer, LycorisLayer, part_of
 
@@ -195,7 +195,7 @@ def _refuse_other_family(items: Sequence[ApplyItem], family: str, checkpoint: Pa
     """
     model = families.get(family)
     for n, item in enumerate(items):
-        if not _is_item(item):
+        if not is_item(item):
             continue  # check_items says what is wrong with it
         lora = item[0]
         paths = {fused.parse_key(k)[0].removeprefix("unet.") for k in lora.layers if part_of(k) == "unet"}
@@ -224,10 +224,6 @@ def _refuse_other_family(items: Sequence[ApplyItem], family: str, checkpoint: Pa
 
 def _not_both_unets(model: families.Family, other: str) -> bool:
     return model.unet_layout is None or families.get(other).unet_layout is None
-
-
-def _is_item(item: object) -> bool:
-    return isinstance(item, tuple | list) and len(item) == 3 and isinstance(item[0], LoRA)
 
 
 def _with_family(lora: LoRA, family: str) -> LoRA:
@@ -389,38 +385,18 @@ def _shapes(sources: Sequence[_Source], targets: Mapping[str, list[Target]], fam
             else:
                 held[part].append(shape)
         if held:
-            found.add(_stacked_shape(family, key, held))
+            spec = families.get(family).fused_weight(key.removeprefix("unet."))  # checkpoint_targets: fused only
+            found.add(fused.stacked_shape(spec, key, held, where="the checkpoint", error=LoraFileError))
         if len(found) > 1:
             raise LoraFileError(f"the files disagree on this weight's shape: {sorted(found)}", key=key)
         shapes[key] = found.pop()
     return shapes
 
 
-def _stacked_shape(family: str, key: str, held: Mapping[str, list[Shape]]) -> Shape:
-    """The shape of fused weight ``key`` from the shapes of its part tensors."""
-    spec = families.get(family).fused_weight(key.removeprefix("unet."))
-    missing = sorted({p.name for p in spec.parts} - set(held)) if spec is not None else []
-    if spec is None or missing:  # checkpoint_targets gives part keys for fused weights only
-        raise LoraFileError(f"the checkpoint holds parts {sorted(held)} of this weight but not {missing}", key=key,
-                            hint="the file is incomplete or mixes two models")
-    units = {spec.unit_of_part(p, s[0], key=fused.part_key(key, p)) for p, shapes in held.items() for s in shapes}
-    rest = {s[1:] for shapes in held.values() for s in shapes}
-    if len(units) > 1 or len(rest) > 1:
-        shown = ", ".join(f"{p}: {sorted(set(s))}" for p, s in sorted(held.items()))
-        raise LoraFileError("the part tensors of this weight do not stack into one weight", key=key, hint=shown)
-    return (units.pop() * spec.total, *rest.pop())
-
-
-def _part_rows(family: str | None, key: str, stored: Shape) -> tuple[int, int] | None:
+def _part_span(family: str | None, key: str, stored: Shape) -> tuple[int, int] | None:
     """(start, stop) rows of the stored fused tensor that part key ``key`` patches; None for a whole-weight key."""
-    module, part = fused.parse_key(key)
-    if part is None:
-        return None
-    spec = families.get(family).fused_weight(module.removeprefix("unet.")) if family is not None else None
-    if spec is None:  # coverage already refused this (no rows to place it in); never reached
-        raise LoraValueError("a layer on part of a weight that is not fused", key=key)
-    start, length = spec.rows(part, spec.unit_of_weight(stored[0], key=key))
-    return start, start + length
+    rows = fused.part_rows(family, key, stored[0])
+    return None if rows is None else (rows[0], rows[0] + rows[1])
 
 
 def _held_offset(family: str, key: str, held: str, stored: Shape) -> int | None:
@@ -465,7 +441,7 @@ def _plan(
                 info = sources[idx].info(slot.tensor)
                 stored = tuple(info["shape"])
                 if held is None:
-                    term = _Term(key, layer, float(strength), slot, stored, _part_rows(lora.family, key, stored))
+                    term = _Term(key, layer, float(strength), slot, stored, _part_span(lora.family, key, stored))
                 else:
                     offset = _held_offset(family, key, held, stored)
                     if offset is None:
@@ -625,7 +601,7 @@ def bake(
     fam = family or _detect_family(sources, src)
     targets = _targets(sources, fam)
     _refuse_other_family(loras, fam, src)  # before a LoRA without a family takes the checkpoint's
-    loras = [(_with_family(it[0], fam), *it[1:]) if _is_item(it) else it for it in loras]
+    loras = [(_with_family(it[0], fam), *it[1:]) if is_item(it) else it for it in loras]
     reports = check_items(loras, _shapes(sources, targets, fam), family=fam, min_fraction=0.0)
     coverage = combine_reports(reports)
     if coverage.unmatched and strict:

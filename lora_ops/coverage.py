@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from . import families, fused
-from .errors import LoraValueError
+from .errors import LoraFormatError, LoraValueError
 from .lora import LoRA, part_of
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,10 @@ def target_shape(key: str, family: str | None, targets: Mapping[str, Shape]) -> 
     shape = tuple(targets[module])
     if part is None:
         return shape
-    spec = families.get(family).fused_weight(module.removeprefix("unet.")) if family is not None else None
-    if spec is None or not shape or shape[0] % spec.total or part not in {p.name for p in spec.parts}:
-        return (0, *shape[1:])  # cannot place it: a mismatch, named with the weight's shape
-    _, length = spec.rows(part, spec.unit_of_weight(shape[0]))
+    try:
+        _, length = fused.part_rows(family, key, shape[0]) if shape else (0, 0)
+    except LoraFormatError:
+        length = 0  # cannot place it: a mismatch, named with the weight's shape
     return (length, *shape[1:])
 
 

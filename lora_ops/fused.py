@@ -19,7 +19,7 @@ form) and are refused with a message saying which format keeps them whole.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -41,6 +41,37 @@ def parse_key(key: str) -> tuple[str, str | None]:
         module, _, part = key[:-1].rpartition("[")
         return module, part
     return key, None
+
+
+def part_rows(family: str | None, key: str, weight_rows: int) -> tuple[int, int] | None:
+    """``(start, length)`` of the rows part key ``key`` patches in its fused weight of ``weight_rows`` rows, from the
+    family's `FusedWeight` (no widths assumed); None for a whole-weight key. Raises `LoraFormatError` when the
+    weight is not a fused weight of ``family``, the part is not one of its parts, or the rows do not split."""
+    module, part = parse_key(key)
+    if part is None:
+        return None
+    spec = _fused_weight(family, module, key)
+    return spec.rows(spec.part(part).name, spec.unit_of_weight(weight_rows, key=key))
+
+
+def stacked_shape(spec: families.FusedWeight, key: str, parts: Mapping[str, Iterable[tuple[int, ...]]], *,
+                  where: str, error: type[LoraFormatError] = LoraFormatError) -> tuple[int, ...]:
+    """The shape of fused weight ``key`` that ``where`` (a model, a checkpoint) holds as one tensor per part.
+
+    ``parts``: part name → the shapes seen for it (several when a folder has fp16 and fp32 copies). Every part is
+    needed and all must stack; otherwise ``error`` names what is missing or what does not fit.
+    """
+    parts = {p: list(shapes) for p, shapes in parts.items()}
+    missing = sorted({p.name for p in spec.parts} - set(parts))
+    if missing:
+        raise error(f"{where} holds parts {sorted(parts)} of this weight but not {missing}", key=key,
+                    hint="it is incomplete, or mixes two models")
+    units = {spec.unit_of_part(p, s[0], key=part_key(key, p)) for p, shapes in parts.items() for s in shapes}
+    rest = {s[1:] for shapes in parts.values() for s in shapes}
+    if len(units) > 1 or len(rest) > 1:
+        shown = ", ".join(f"{p}: {sorted(set(s))}" for p, s in sorted(parts.items()))
+        raise error(f"the part tensors {where} holds do not stack into one weight", key=key, hint=shown)
+    return (units.pop() * spec.total, *rest.pop())
 
 
 def has_parts(lora: LoRA) -> bool:

@@ -126,15 +126,9 @@ def _target(key: str, family: str | None, targets: Mapping[str, Shape]) -> str |
 
     The part's rows come from the family's `FusedWeight` and the weight's own row count (as coverage placed them).
     """
-    module, part = fused.parse_key(key)
     weight = _patch_key(key, family)
-    if part is None:
-        return weight
-    spec = families.get(family).fused_weight(module.removeprefix("unet.")) if family in families.REGISTRY else None
-    if spec is None:
-        raise LoraValueError(f"cannot place part '{part}' of {module}: no fused weight declared there", key=key)
-    start, length = spec.rows(part, spec.unit_of_weight(targets[module][0], key=key))
-    return weight, (0, start, length)
+    rows = fused.part_rows(family if family in families.REGISTRY else None, key, targets[fused.parse_key(key)[0]][0])
+    return weight if rows is None else (weight, (0, *rows))
 
 
 def comfy_lora(

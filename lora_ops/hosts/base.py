@@ -61,6 +61,11 @@ def strength_for(key: str, strength_model: float, strength_text: float) -> float
     return strength_text if is_text_encoder_key(key) else strength_model
 
 
+def is_item(item: object) -> bool:
+    """Whether ``item`` has the (LoRA, strength_model, strength_text) shape (`check_items` says what is wrong)."""
+    return isinstance(item, tuple | list) and len(item) == 3 and isinstance(item[0], LoRA)
+
+
 def check_items(
     items: Sequence[ApplyItem],
     targets: Mapping[str, Shape],

@@ -41,7 +41,7 @@ from ..formats.diffusers import diffusers_layers
 from ..keymap import unet_layout
 from ..keymap.model_keys import denoiser_canonical_keys, denoiser_family, te_canonical_keys
 from ..lora import Layer, LoRA, LoRALayer, part_of
-from .base import ApplyItem, Shape, check_items, fit_delta, layer_delta, refuse_non_finite, strength_for
+from .base import ApplyItem, Shape, check_items, fit_delta, is_item, layer_delta, refuse_non_finite, strength_for
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +146,6 @@ def _hook(slot: _Slot, module: nn.Module, args: tuple, kwargs: dict, output: tor
     for term in active:
         output = output + term(module, x).to(output.dtype)
     return output
-
-
-def _is_item(item: object) -> bool:
-    try:
-        return len(item) == 3 and isinstance(item[0], LoRA)  # type: ignore[arg-type, index]
-    except TypeError:
-        return False
 
 
 class DiffusersHost:
@@ -318,7 +311,7 @@ class DiffusersHost:
         kept: list[frozenset[str]] = []
         for i, item in enumerate(items):
             whole: frozenset[str] = frozenset()
-            if _is_item(item):
+            if is_item(item):
                 lora, sm, st = item
                 self._check_family(lora, i)
                 lora, whole = self._layout(lora)
@@ -408,16 +401,9 @@ def _whole_targets(modules: dict[str, nn.Module], fam: families.Family) -> dict[
         else:
             parts[name][part] = shape
     for name, shapes in parts.items():
-        spec = fam.fused_weight(name.removeprefix("unet."))
-        missing = sorted({p.name for p in spec.parts} - set(shapes)) if spec is not None else []
-        if spec is None or missing:
-            raise LoraValueError(f"the model holds parts {sorted(shapes)} of {name} but not {missing}", key=name)
-        units = {spec.unit_of_part(p, s[0], key=fused.part_key(name, p)) for p, s in shapes.items()}
-        rest = {s[1:] for s in shapes.values()}
-        if len(units) > 1 or len(rest) > 1:
-            raise LoraValueError(f"the parts of {name} do not stack into one weight",
-                                 key=name, hint=", ".join(f"{p}: {s}" for p, s in sorted(shapes.items())))
-        targets[name] = (units.pop() * spec.total, *rest.pop())
+        spec = fam.fused_weight(name.removeprefix("unet."))  # part keys come from fused weights only
+        targets[name] = fused.stacked_shape(spec, name, {p: [s] for p, s in shapes.items()}, where="the model",
+                                            error=LoraValueError)
     return targets
 
 
