@@ -10,15 +10,12 @@ Requires the ``hf`` extra (diffusers, transformers); imported lazily so ``lora_o
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from .. import families
 from ..errors import LoraValueError
+from .random_weights import seeded
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -36,21 +33,13 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {f: dict(families.get(f).tiny_config) 
 TEXT_ENCODER_KINDS = ("clip-l", "clip-g")
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's CPU RNG for the block and restore the caller's RNG state afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def tiny_unet(family: str, seed: int = 0) -> UNet2DConditionModel:
     """A UNet2DConditionModel with the SD 1.5 ("sd1") or SDXL ("sdxl") block layout and tiny widths."""
     from diffusers import UNet2DConditionModel
 
     if family not in UNET_CONFIGS:
         raise LoraValueError(f"unknown model family '{family}'", hint=f"use one of {sorted(UNET_CONFIGS)}")
-    with _seeded(seed):
+    with seeded(seed):
         return UNet2DConditionModel(**UNET_CONFIGS[family]).eval()
 
 
@@ -97,7 +86,7 @@ def tiny_text_encoder(kind: str = "clip-l", seed: int = 0) -> CLIPTextModel:
         pad_token_id=eos,
     )
     cls = CLIPTextModel if kind == "clip-l" else CLIPTextModelWithProjection
-    with _seeded(seed):
+    with seeded(seed):
         return cls(config).eval()
 
 
@@ -105,7 +94,7 @@ def tiny_vae(seed: int = 0, *, scaling_factor: float = 0.18215) -> AutoencoderKL
     """AutoencoderKL with 4 blocks (8x downsampling, 4 latent channels) and tiny widths."""
     from diffusers import AutoencoderKL
 
-    with _seeded(seed):
+    with seeded(seed):
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,

@@ -17,15 +17,15 @@ Requires diffusers (the ``hf`` extra); imported lazily so ``lora_ops`` itself do
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import families
 from ..atomic import StrPath, atomic_write
+from .random_weights import randomize, seeded
 
 if TYPE_CHECKING:
     from diffusers import FluxTransformer2DModel
@@ -33,16 +33,7 @@ if TYPE_CHECKING:
 TINY_FLUX_CONFIG: dict[str, Any] = dict(families.get("flux1").tiny_config)
 """``FluxTransformer2DModel`` config of the tiny model: ~1.86 M parameters, a forward pass in milliseconds."""
 
-WEIGHT_STD = 0.02
-"""Standard deviation of every random weight and bias (RMS-norm scales are 1 + this × N(0, 1))."""
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's CPU RNG for the block and restore the caller's RNG state afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
+_NORM_SCALE = re.compile(r"\.norm_(added_)?[qk]\.weight$")  # the 1-D RMS-norm scales
 
 
 def tiny_flux_transformer(
@@ -50,7 +41,7 @@ def tiny_flux_transformer(
 ) -> FluxTransformer2DModel:
     """A ``FluxTransformer2DModel`` (eval mode) with random weights that depend only on ``seed``.
 
-    ``config`` entries override `TINY_FLUX_CONFIG`. Every parameter is drawn, in fp32, from N(0, `WEIGHT_STD`²)
+    ``config`` entries override `TINY_FLUX_CONFIG`. Every parameter is drawn, in fp32, from N(0, 0.02²)
     (biases too, so no tensor is identically zero, unlike a fresh model's zero biases), except the RMS-norm
     scales (the 1-D ``norm_q``/``norm_k``/``norm_added_q``/``norm_added_k`` weights), which are 1 + the same
     noise so that attention logits keep their usual size; the model is then cast to ``dtype``. The caller's
@@ -59,16 +50,9 @@ def tiny_flux_transformer(
     from diffusers import FluxTransformer2DModel
 
     cfg = {**TINY_FLUX_CONFIG, **(config or {})}
-    with _seeded(seed):
+    with seeded(seed):
         model = FluxTransformer2DModel(**cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # registration order: fixed by the config
-            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * WEIGHT_STD
-            is_norm_scale = param.ndim == 1 and re.search(r"\.norm_(added_)?[qk]\.weight$", name) is not None
-            param.copy_(noise + 1.0 if is_norm_scale else noise)
-    # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules on every cast (there are none here)
-    return torch.nn.Module.to(model, dtype=dtype).eval()
+    return randomize(model, seed, _NORM_SCALE, dtype)
 
 
 # One-to-one renames: diffusers name → BFL name. Per-block ones use "{}" for the block index.

@@ -12,14 +12,14 @@ Requires diffusers (the ``hf`` extra); imported lazily so ``lora_ops`` itself do
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import families
+from .random_weights import randomize, seeded
 
 if TYPE_CHECKING:
     from diffusers import QwenImageTransformer2DModel
@@ -27,18 +27,8 @@ if TYPE_CHECKING:
 TINY_QWEN_IMAGE_CONFIG: dict[str, Any] = dict(families.get("qwen_image").tiny_config)
 """``QwenImageTransformer2DModel`` config of the tiny model (hidden 32 = 2 heads × 16, 2 blocks, 2×2 patches)."""
 
-WEIGHT_STD = 0.02
-"""Standard deviation of every random weight and bias (RMS-norm scales are 1 + this × N(0, 1))."""
 
 _RMS_SCALE = re.compile(r"(^txt_norm|\.norm_(?:added_)?[qk])\.weight$")
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's CPU RNG for the block and restore the caller's RNG state afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def tiny_qwen_image_transformer(
@@ -47,21 +37,16 @@ def tiny_qwen_image_transformer(
     """A ``QwenImageTransformer2DModel`` (eval mode) with random weights that depend only on ``seed``.
 
     ``config`` entries override `TINY_QWEN_IMAGE_CONFIG`. Every parameter is drawn, in fp32, from
-    N(0, `WEIGHT_STD`²) (biases too, so no tensor is identically zero), except the RMS-norm scales (``txt_norm``,
+    N(0, 0.02²) (biases too, so no tensor is identically zero), except the RMS-norm scales (``txt_norm``,
     ``attn.norm_q/norm_k/norm_added_q/norm_added_k``), which are 1 + the same noise; the model is then cast to
     ``dtype``. The caller's global RNG is left untouched.
     """
     from diffusers import QwenImageTransformer2DModel
 
     cfg = {**TINY_QWEN_IMAGE_CONFIG, **(config or {})}
-    with _seeded(seed):
+    with seeded(seed):
         model = QwenImageTransformer2DModel(**cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # registration order: fixed by the config
-            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * WEIGHT_STD
-            param.copy_(noise + 1.0 if _RMS_SCALE.search(name) else noise)
-    return torch.nn.Module.to(model, dtype=dtype).eval()  # (ModelMixin.to warns about fp32-kept modules)
+    return randomize(model, seed, _RMS_SCALE, dtype)
 
 
 def tiny_qwen_image_state_dict(

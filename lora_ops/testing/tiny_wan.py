@@ -12,14 +12,14 @@ Requires diffusers (the ``hf`` extra); imported lazily so ``lora_ops`` itself do
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import families
+from .random_weights import randomize, seeded
 
 if TYPE_CHECKING:
     from diffusers import WanTransformer3DModel
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 TINY_WAN_CONFIG: dict[str, Any] = dict(families.get("wan").tiny_config)
 """``WanTransformer3DModel`` config of the tiny model (dim 128 = 1 head × 128, ffn 64, 2 blocks, 16 → 16 channels)."""
 
-WEIGHT_STD = 0.02
-"""Standard deviation of every random weight and bias (norm scales are 1 + this × N(0, 1))."""
 
 _NORM_SCALE = re.compile(r"(\.norm_(?:q|k|added_k)|\.norm2|image_embedder\.norm[12])\.weight$")
 
@@ -62,35 +60,22 @@ _TOP_TENSORS = {"head.modulation": "scale_shift_table"}
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's CPU RNG for the block and restore the caller's RNG state afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def tiny_wan_transformer(
     seed: int = 0, config: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32
 ) -> WanTransformer3DModel:
     """A ``WanTransformer3DModel`` (eval mode) with random weights that depend only on ``seed``.
 
     ``config`` entries override `TINY_WAN_CONFIG` (e.g. ``image_dim`` for an I2V-shaped model). Every parameter is
-    drawn, in fp32, from N(0, `WEIGHT_STD`²) (biases and adaLN tables too, so no tensor is identically zero), except
+    drawn, in fp32, from N(0, 0.02²) (biases and adaLN tables too, so no tensor is identically zero), except
     the norm scales (RMS q/k norms, the cross-attention pre-norm, the image embedder's layer norms), which are 1 +
     the same noise; the model is then cast to ``dtype``. The caller's global RNG is left untouched.
     """
     from diffusers import WanTransformer3DModel
 
     cfg = {**TINY_WAN_CONFIG, **(config or {})}
-    with _seeded(seed):
+    with seeded(seed):
         model = WanTransformer3DModel(**cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # registration order: fixed by the config
-            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * WEIGHT_STD
-            param.copy_(noise + 1.0 if _NORM_SCALE.search(name) else noise)
-    return torch.nn.Module.to(model, dtype=dtype).eval()  # (ModelMixin.to warns about fp32-kept modules)
+    return randomize(model, seed, _NORM_SCALE, dtype)
 
 
 def _tables(to_diffusers: bool) -> tuple[dict[str, str], dict[str, str], dict[str, str], dict[str, str]]:

@@ -13,14 +13,14 @@ Requires diffusers (the ``hf`` extra); imported lazily so ``lora_ops`` itself do
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import families
+from .random_weights import randomize, seeded
 
 if TYPE_CHECKING:
     from diffusers import ZImageTransformer2DModel
@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 TINY_ZIMAGE_CONFIG: dict[str, Any] = dict(families.get("zimage").tiny_config)
 """``ZImageTransformer2DModel`` config of the tiny model (dim 32, 2 layers, 1 refiner of each kind, 2 heads)."""
 
-WEIGHT_STD = 0.02
-"""Standard deviation of every random weight, bias and pad token (RMS-norm scales are 1 + this × N(0, 1))."""
 
 # The one patch size ComfyUI's NextDiT has (diffusers keeps one embedder/final layer per "patch-fpatch" size).
 PATCH = "2-1"
@@ -43,20 +41,12 @@ _BLOCK = re.compile(r"^((?:layers|noise_refiner|context_refiner|siglip_refiner)\
 _RMS_SCALE = re.compile(r"(^|\.)(attention\.norm_[qk]|attention_norm[12]|ffn_norm[12]|cap_embedder\.0)\.weight$")
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's CPU RNG for the block and restore the caller's RNG state afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def tiny_zimage_transformer(
     seed: int = 0, config: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32
 ) -> ZImageTransformer2DModel:
     """A ``ZImageTransformer2DModel`` (eval mode) with random weights that depend only on ``seed``.
 
-    ``config`` entries override `TINY_ZIMAGE_CONFIG`. Every parameter is drawn, in fp32, from N(0, `WEIGHT_STD`²)
+    ``config`` entries override `TINY_ZIMAGE_CONFIG`. Every parameter is drawn, in fp32, from N(0, 0.02²)
     (biases and the pad tokens too, so no tensor is identically zero, unlike a fresh model's zero pad tokens),
     except the RMS-norm scales (``norm_q``/``norm_k``, ``attention_norm1/2``, ``ffn_norm1/2``, ``cap_embedder.0``),
     which are 1 + the same noise; the model is then cast to ``dtype``. The caller's global RNG is left untouched.
@@ -64,14 +54,9 @@ def tiny_zimage_transformer(
     from diffusers import ZImageTransformer2DModel
 
     cfg = {**TINY_ZIMAGE_CONFIG, **(config or {})}
-    with _seeded(seed):
+    with seeded(seed):
         model = ZImageTransformer2DModel(**cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # registration order: fixed by the config
-            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * WEIGHT_STD
-            param.copy_(noise + 1.0 if _RMS_SCALE.search(name) else noise)
-    return torch.nn.Module.to(model, dtype=dtype).eval()  # (ModelMixin.to warns about fp32-kept modules)
+    return randomize(model, seed, _RMS_SCALE, dtype)
 
 
 def _fail(what: str, problems: list[str]) -> None:
