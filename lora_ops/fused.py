@@ -26,21 +26,11 @@ import torch
 from . import families
 from .errors import LoraFormatError
 from .lora import Layer, LoRA, LoRALayer
+from .part_keys import parse_key, part_key
 
 Tensor = torch.Tensor
 
 
-def part_key(module_key: str, part: str | None) -> str:
-    """``unet.single_blocks.0.linear1`` + ``mlp`` → ``unet.single_blocks.0.linear1[mlp]``."""
-    return module_key if part is None else f"{module_key}[{part}]"
-
-
-def parse_key(key: str) -> tuple[str, str | None]:
-    """``unet.x.qkv[q]`` → (``unet.x.qkv``, ``q``); a whole-weight key → (key, None)."""
-    if key.endswith("]") and "[" in key:
-        module, _, part = key[:-1].rpartition("[")
-        return module, part
-    return key, None
 
 
 def part_rows(family: str | None, key: str, weight_rows: int) -> tuple[int, int] | None:

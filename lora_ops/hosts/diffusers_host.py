@@ -217,15 +217,24 @@ class DiffusersHost:
             lora = lora.replace(family=self.family)
         if lora.family != self.family:
             return lora, frozenset()
-        kept: dict[str, Layer] = {}
+        layers: dict[str, Layer] = {}
+        kept: set[str] = set()
         for key, layer in lora.layers.items():
-            if self._held_differently(key):
-                try:
-                    diffusers_layers(lora.replace(layers={key: layer}))
-                except LoraFormatError:
-                    kept[key] = layer
-        rest = diffusers_layers(lora.replace(layers={k: v for k, v in lora.layers.items() if k not in kept}))
-        return (rest.replace(layers={**rest.layers, **kept}) if kept else rest), frozenset(kept)
+            if not self._held_differently(key):
+                layers[key] = layer
+                continue
+            try:  # each layer converted once; one that cannot be is kept whole (its ΔW rows are placed)
+                parts = diffusers_layers(lora.replace(layers={key: layer})).layers
+            except LoraFormatError:
+                layers[key] = layer
+                kept.add(key)
+                continue
+            clash = next((k for k in parts if k != key and k in lora.layers), None)
+            if clash is not None:
+                raise LoraFormatError(f"holds both the fused layer and its part '{clash}'", key=key,
+                                      hint="fuse the LoRA first")
+            layers.update(parts)
+        return lora.replace(layers=layers), frozenset(kept)
 
     def check(self, items: Sequence[ApplyItem]) -> list[CoverageReport]:
         """Validate ``items`` as `apply` does (family, layout, coverage, DoRA) without changing anything."""

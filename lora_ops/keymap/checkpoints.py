@@ -57,7 +57,7 @@ import torch
 from .. import families
 from ..errors import LoraFormatError, LoraValueError
 from ..families.unet_layout import unet_layout
-from ..fused import parse_key, part_key
+from ..part_keys import parse_key, part_key
 from .sd_unet import unet_diffusers_to_ldm
 from .text_encoders import te_to_canonical_path
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LoraFormatError, LoraValueError
+from ..part_keys import part_key
 from .text_encoders import te_to_canonical_path
 
 UNET_LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
@@ -41,7 +42,6 @@ def denoiser_canonical_keys(model: torch.nn.Module, family: str | None = None) -
     (no PEFT/LoRA wrappers injected).
     """
     from .. import families
-    from ..fused import part_key
 
     names = denoiser_layer_names(model)
     if family is None:
